@@ -1,0 +1,22 @@
+"""qlightning: quantization as Lightning callbacks."""
+
+from qlightning.backends import available_backends, get_backend, register_backend
+from qlightning.callbacks import QuantizationAwareTraining
+from qlightning.errors import QuantizationConfigError, UntraceableModelError
+from qlightning.modes import available_modes
+from qlightning.observers import available_observers, register_observer
+from qlightning.quantized_engine import quantized_engine
+
+__all__ = [
+    "QuantizationAwareTraining",
+    "QuantizationConfigError",
+    "UntraceableModelError",
+    "available_backends",
+    "available_modes",
+    "available_observers",
+    "get_backend",
+    "quantized_engine",
+    "register_backend",
+    "register_observer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""Backend registry. A backend says which integer ranges its kernels accept and how each mode
+expresses that: an FX ``BackendConfig``, a PT2E ``Quantizer`` and the eager/FX int8 engine.
+
+Factories import ``torch.ao`` / ``torchao`` lazily, so importing a backend never touches a mode that a
+future torch may have removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from qlightning.errors import unknown_choice
+from qlightning.spec import TensorQuantSpec
+
+ALL_MODES = frozenset({"eager", "fx", "pt2e"})
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # ``torch.backends.quantized.engine`` that runs eager/FX int8 models for this backend.
+    engine: str
+    activation: TensorQuantSpec
+    weight: TensorQuantSpec
+    fx_backend_config: Callable[[], Any]
+    # Builds a torchao PT2E Quantizer from a torchao ``QuantizationConfig``.
+    pt2e_quantizer: Callable[[Any], Any]
+    modes: frozenset = field(default=ALL_MODES)
+    description: str = ""
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    if backend.name in _BACKENDS:
+        raise ValueError(f"backend {backend.name!r} is already registered")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise unknown_choice("backend", name, _BACKENDS) from None
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def x86_inductor_quantizer(config):
+    """The torchao PT2E quantizer for x86 CPUs, configured with our specs."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+
+    return X86InductorQuantizer().set_global(config)

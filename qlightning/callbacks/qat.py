@@ -1,0 +1,222 @@
+"""``QuantizationAwareTraining``: turns ``trainer.fit`` into quantization-aware training."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from qlightning.backends import get_backend
+from qlightning.callbacks.target import resolve_example_inputs, resolve_network
+from qlightning.errors import QuantizationConfigError, unknown_choice
+from qlightning.modes.registry import get_mode, validate_mode
+from qlightning.observers import get_observer
+from qlightning.spec import QuantRecipe
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SCHEMES = ("per_channel_symmetric", "per_channel_affine", "per_tensor_symmetric", "per_tensor_affine")
+ACTIVATION_SCHEMES = ("per_tensor_affine", "per_tensor_symmetric")
+# Bumped when the checkpointed callback state changes shape; older states must still load.
+STATE_VERSION = 1
+
+
+def _check_epoch(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise QuantizationConfigError(f"{name} must be None or an epoch number >= 0, got {value!r}")
+
+
+def _scheme(kind: str, value: str, valid: Sequence[str]) -> tuple[bool, bool]:
+    """(symmetric, per_channel) of a scheme name."""
+    if value not in valid:
+        raise unknown_choice(f"{kind} scheme", value, valid)
+    return value.endswith("symmetric"), value.startswith("per_channel")
+
+
+class QuantizationAwareTraining(Callback):
+    """Quantization-aware training in ``eager``, ``fx`` or ``pt2e`` mode.
+
+    Args:
+        mode: ``"eager"``, ``"fx"`` or ``"pt2e"``.
+        backend: a registered backend (``qlightning.backends.available_backends()``).
+        observer: a registered observer (``qlightning.observers.available_observers()``).
+        module: attribute of the LightningModule holding the network; found automatically when the
+            module has exactly one child with parameters.
+        example_inputs: inputs to trace with; default ``pl_module.example_input_array``.
+        freeze_bn_epoch: from this epoch on BatchNorm uses (and stops updating) its running stats.
+        freeze_observers_epoch: from this epoch on qparams stop changing; fake quantization stays on.
+        weight_scheme / activation_scheme: override the backend's default schemes.
+        modules_to_fuse: eager mode only: groups of submodule names to fuse, instead of the ones found.
+
+    After ``fit`` the int8 model is in :attr:`quantized_model` (a converted copy; the LightningModule
+    keeps its fake-quantized network and can be trained further).
+    """
+
+    def __init__(
+        self,
+        mode: str = "pt2e",
+        backend: str = "x86",
+        observer: str = "moving_average_minmax",
+        *,
+        module: str | None = None,
+        example_inputs: Any = None,
+        freeze_bn_epoch: int | None = None,
+        freeze_observers_epoch: int | None = None,
+        weight_scheme: str = "per_channel_symmetric",
+        activation_scheme: str = "per_tensor_affine",
+        modules_to_fuse: Sequence[Sequence[str]] | None = None,
+    ):
+        self.mode = validate_mode(mode)
+        self.backend = get_backend(backend)
+        if mode not in self.backend.modes:
+            raise QuantizationConfigError(
+                f"backend {backend!r} does not support mode {mode!r}; it supports {sorted(self.backend.modes)}"
+            )
+        get_observer(observer)
+        self.observer = observer
+        _check_epoch("freeze_bn_epoch", freeze_bn_epoch)
+        _check_epoch("freeze_observers_epoch", freeze_observers_epoch)
+        w_sym, w_pc = _scheme("weight", weight_scheme, WEIGHT_SCHEMES)
+        a_sym, a_pc = _scheme("activation", activation_scheme, ACTIVATION_SCHEMES)
+        if modules_to_fuse is not None and mode != "eager":
+            raise QuantizationConfigError(
+                f"modules_to_fuse applies to mode='eager' only; mode={mode!r} fuses from its BackendConfig/Quantizer"
+            )
+        self.recipe = QuantRecipe(
+            activation=self.backend.activation.with_scheme(symmetric=a_sym, per_channel=a_pc),
+            weight=self.backend.weight.with_scheme(symmetric=w_sym, per_channel=w_pc),
+            observer=observer,
+        )
+        self.weight_scheme, self.activation_scheme = weight_scheme, activation_scheme
+        self.module = module
+        self.example_inputs = example_inputs
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.freeze_observers_epoch = freeze_observers_epoch
+        self.modules_to_fuse = modules_to_fuse
+
+        self.quantized_model: nn.Module | None = None
+        self.observers_frozen = False
+        self.bn_frozen = False
+        self._impl = None
+        self._attr: str | None = None
+        self._prepared: nn.Module | None = None
+
+    # -- identity ---------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, backend=self.backend.name, observer=self.observer)
+
+    def _config(self) -> dict:
+        return {
+            "mode": self.mode,
+            "backend": self.backend.name,
+            "observer": self.observer,
+            "weight_scheme": self.weight_scheme,
+            "activation_scheme": self.activation_scheme,
+        }
+
+    def _check_config_matches(self, state: dict, source: str) -> None:
+        for key, value in self._config().items():
+            if key in state and state[key] != value:
+                raise QuantizationConfigError(
+                    f"{source} was trained with {key}={state[key]!r} but this QuantizationAwareTraining has "
+                    f"{key}={value!r}; use the same quantization config to resume"
+                )
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @property
+    def prepared_network(self) -> nn.Module | None:
+        """The fake-quantized network being trained (``None`` before setup)."""
+        return self._prepared
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._prepared is not None and getattr(pl_module, self._attr, None) is self._prepared:
+            return  # fit called again: keep training the prepared network
+        self._check_checkpoint_config(trainer)
+        self._attr = resolve_network(pl_module, self.module)
+        example_inputs = resolve_example_inputs(pl_module, self.example_inputs)
+        self._impl = get_mode(self.mode)
+        network = getattr(pl_module, self._attr)
+        prepared = self._impl.prepare_qat(
+            network, example_inputs, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse
+        )
+        # Replacing the attribute before optimizers exist makes configure_optimizers see the
+        # prepared parameters (the fused, fake-quantized ones, LSQ scales included).
+        setattr(pl_module, self._attr, prepared)
+        self._prepared = prepared
+        rank_zero_info(
+            f"qlightning: prepared `{self._attr}` for QAT (mode={self.mode}, backend={self.backend.name}, "
+            f"observer={self.observer}, {len(self._impl.quantizers(prepared))} quantizers)"
+        )
+
+    def _check_checkpoint_config(self, trainer: Trainer) -> None:
+        # Fail before the model state fails to load with a list of mismatched keys.
+        ckpt_path = getattr(trainer, "ckpt_path", None)
+        if not ckpt_path:
+            return
+        from lightning.fabric.utilities.cloud_io import _load
+
+        checkpoint = _load(ckpt_path, map_location="cpu", weights_only=False)
+        states = [v for k, v in checkpoint.get("callbacks", {}).items() if str(k).startswith(type(self).__name__)]
+        if not states:
+            raise QuantizationConfigError(
+                f"checkpoint {ckpt_path} holds no QuantizationAwareTraining state: it was not saved during QAT "
+                "with qlightning; resume QAT only from QAT checkpoints"
+            )
+        if not any(all(s.get(k, v) == v for k, v in self._config().items()) for s in states):
+            self._check_config_matches(states[0], f"checkpoint {ckpt_path}")
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.freeze_observers_epoch is not None and epoch >= self.freeze_observers_epoch:
+            self.freeze_observers()
+        if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+            self.freeze_bn()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.bn_frozen:
+            self._impl.enforce_frozen_bn(self._prepared)
+
+    def freeze_observers(self) -> None:
+        """Stop qparam updates now (the schedule calls this at ``freeze_observers_epoch``)."""
+        if not self.observers_frozen:
+            rank_zero_info("qlightning: freezing observers")
+        self._impl.set_observers_enabled(self._prepared, False)
+        self.observers_frozen = True
+
+    def freeze_bn(self) -> None:
+        """Freeze BatchNorm statistics now (the schedule calls this at ``freeze_bn_epoch``)."""
+        if not self.bn_frozen:
+            rank_zero_info("qlightning: freezing BatchNorm statistics")
+        self._impl.freeze_bn(self._prepared)
+        self.bn_frozen = True
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Teardown has already moved the module to CPU; convert works on a CPU copy either way.
+        if self._prepared is None:
+            return
+        self.quantized_model = self._impl.convert(self._prepared, self.backend)
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            **self._config(),
+            "observers_frozen": self.observers_frozen,
+            "bn_frozen": self.bn_frozen,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_config_matches(state_dict, "the checkpoint")
+        # Observer flags live in the model's buffers (restored with its state_dict); these two
+        # only record where the schedule stood, and older states without them mean "not frozen".
+        if state_dict.get("observers_frozen", False) and self._prepared is not None:
+            self.freeze_observers()
+        if state_dict.get("bn_frozen", False) and self._prepared is not None:
+            self.freeze_bn()

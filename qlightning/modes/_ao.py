@@ -1,0 +1,121 @@
+"""``torch.ao.quantization`` pieces shared by the eager and FX modes (and only them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.ao.quantization as tq
+from torch import nn
+from torch.ao.nn.intrinsic import qat as nniqat
+from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+
+from qlightning.observers import get_observer
+from qlightning.spec import QuantRecipe, TensorQuantSpec
+
+_PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
+
+
+class LearnableFakeQuantize(_LearnableFakeQuantize):
+    """LSQ (Esser et al. 2020) whose per-channel scale and zero point are sized on first use.
+
+    ``torch.ao``'s class needs the channel count at construction, which a QConfig cannot know.
+    Parameters keep their identity when resized, so an optimizer made afterwards trains them.
+    """
+
+    def __init__(self, observer, quant_min=0, quant_max=255, **observer_kwargs):
+        super().__init__(observer, quant_min, quant_max, use_grad_scaling=True, **observer_kwargs)
+
+    def _resize(self, channels: int) -> None:
+        if self.scale.numel() != channels:
+            self.scale.data = torch.ones(channels, dtype=self.scale.dtype, device=self.scale.device)
+            self.zero_point.data = torch.zeros(channels, dtype=self.zero_point.dtype, device=self.zero_point.device)
+
+    def forward(self, X):
+        if self.qscheme in _PER_CHANNEL:
+            self._resize(X.size(self.ch_axis))
+        return super().forward(X)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        scale = state_dict.get(prefix + "scale")
+        if scale is not None:
+            self._resize(scale.numel())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _qscheme(spec: TensorQuantSpec):
+    if spec.per_channel:
+        return torch.per_channel_symmetric if spec.symmetric else torch.per_channel_affine
+    return torch.per_tensor_symmetric if spec.symmetric else torch.per_tensor_affine
+
+
+def fake_quant_ctor(spec: TensorQuantSpec, observer_name: str, learnable: bool):
+    """A ``with_args`` constructor of the fake-quantize module for one kind of tensor."""
+    kwargs = dict(
+        observer=getattr(tq.observer, observer_name),
+        quant_min=spec.quant_min,
+        quant_max=spec.quant_max,
+        dtype=torch.quint8 if spec.dtype == "uint8" else torch.qint8,
+        qscheme=_qscheme(spec),
+        eps=spec.eps,
+    )
+    if spec.per_channel:
+        kwargs["ch_axis"] = spec.ch_axis
+    if learnable:
+        return LearnableFakeQuantize.with_args(**kwargs)
+    if observer_name.startswith("MovingAverage"):
+        # One fused kernel for observe + fake-quantize: the fast path PyTorch uses for QAT.
+        return tq.FusedMovingAvgObsFakeQuantize.with_args(**kwargs)
+    return tq.FakeQuantize.with_args(**kwargs)
+
+
+def qat_qconfig(recipe: QuantRecipe) -> tq.QConfig:
+    choice = get_observer(recipe.observer)
+    weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
+    return tq.QConfig(
+        activation=fake_quant_ctor(recipe.activation, choice.activation_observer, choice.learnable),
+        weight=fake_quant_ctor(recipe.weight, weight_observer, choice.learnable),
+    )
+
+
+def quantizers(prepared: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in prepared.named_modules() if isinstance(m, tq.FakeQuantizeBase)]
+
+
+def set_observers_enabled(prepared: nn.Module, enabled: bool) -> None:
+    for _, fq in quantizers(prepared):
+        if isinstance(fq, _LearnableFakeQuantize):
+            # LSQ has no running statistics after its seed; "observing" means learning the qparams.
+            fq.toggle_qparam_learning(enabled)
+        else:
+            fq.enable_observer(enabled)
+
+
+def seed_lsq(prepared: nn.Module, example_inputs: tuple) -> None:
+    """Seed LSQ scales from the example inputs (eval mode: BN statistics untouched), then switch the
+    quantizers to gradient learning so the optimizer made after setup trains them."""
+    was_training = prepared.training
+    with torch.no_grad():
+        prepared.eval()(*example_inputs)
+    prepared.train(was_training)
+    for _, fq in quantizers(prepared):
+        if isinstance(fq, _LearnableFakeQuantize):
+            fq.enable_param_learning()
+
+
+_FUSED_BN = (nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBn3d, nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d,
+             nniqat.ConvBnReLU3d, nniqat.LinearBn1d)
+
+
+def batchnorms(prepared: nn.Module) -> list[nn.Module]:
+    return [m for m in prepared.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_bn(prepared: nn.Module) -> None:
+    # Fused QAT modules switch to running statistics and keep them through later ``train()`` calls.
+    prepared.apply(nniqat.freeze_bn_stats)
+    enforce_frozen_bn(prepared)
+
+
+def enforce_frozen_bn(prepared: nn.Module) -> None:
+    # BatchNorms outside fused modules have no freeze flag: eval() them again after every train().
+    for m in batchnorms(prepared):
+        m.eval()

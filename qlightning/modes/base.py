@@ -1,0 +1,102 @@
+"""What every quantization mode provides to the callbacks."""
+
+from __future__ import annotations
+
+import re
+import traceback
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from qlightning.backends import Backend
+from qlightning.errors import UntraceableModelError
+from qlightning.spec import QuantRecipe
+
+_OTHER_MODES_HINT = {
+    "eager": "mode='fx' or mode='pt2e' insert quant/dequant automatically and accept functional ops",
+    "fx": "mode='pt2e' (torch.export traces data-dependent Python that FX symbolic tracing cannot) "
+    "or mode='eager' (no tracing at all)",
+    "pt2e": "mode='fx' (symbolic tracing can leave untraceable submodules as leaves) or mode='eager'",
+}
+
+
+class QuantMode(ABC):
+    name: str
+
+    @abstractmethod
+    def prepare_qat(
+        self, network: nn.Module, example_inputs: tuple, recipe: QuantRecipe, backend: Backend, **options
+    ) -> nn.Module:
+        """Return the network with fake quantization inserted, ready to train."""
+
+    @abstractmethod
+    def convert(self, prepared: nn.Module, backend: Backend) -> nn.Module:
+        """Return an int8 model built from a *copy* of ``prepared``; ``prepared`` is left trainable."""
+
+    @abstractmethod
+    def quantizers(self, prepared: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, fake-quantize module) for every quantizer in the prepared network."""
+
+    @abstractmethod
+    def set_observers_enabled(self, prepared: nn.Module, enabled: bool) -> None:
+        """Start or stop qparam updates (min/max statistics, or LSQ gradient learning)."""
+
+    @abstractmethod
+    def freeze_bn(self, prepared: nn.Module) -> None:
+        """Stop BatchNorm statistics updates: from now on BN normalises with its running stats."""
+
+    def enforce_frozen_bn(self, prepared: nn.Module) -> None:
+        """Called before every training batch once BN is frozen, since ``model.train()`` may undo it."""
+
+    @abstractmethod
+    def bn_modules_or_nodes(self, prepared: nn.Module) -> list:
+        """The BatchNorms of the prepared network (for tests and monitoring)."""
+
+    def untraceable(self, network: nn.Module, exc: BaseException) -> UntraceableModelError:
+        """Wrap a capture failure in an error naming the mode, the failing op and another mode."""
+        return UntraceableModelError(
+            f"mode={self.name!r} could not capture {type(network).__name__}: the failing op is "
+            f"{describe_failure(exc)}. Refactor that code, or try {_OTHER_MODES_HINT[self.name]}."
+        )
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The user-code line that failed plus the first line of the error, as compactly as possible."""
+    user_frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not re.search(r"[/\\](torch|torchao|lightning|qlightning|contextlib)[/\\]", f.filename)
+        and "<eval_with_key>" not in f.filename
+    ]
+    message = str(exc).strip()
+    # torch.export / dynamo put the user frame in the message itself.
+    match = re.search(r"from user code:\s*(.*)", message, re.S)
+    location = ""
+    if match:
+        lines = [line.strip() for line in match.group(1).splitlines() if line.strip()]
+        location = " ".join(lines[-2:])
+    elif user_frames:
+        f = user_frames[-1]
+        location = f"File {f.filename}, line {f.lineno}, in {f.name}: {f.line}"
+    first_line = message.splitlines()[0] if message else type(exc).__name__
+    summary = f"`{location}`" if location else "unknown"
+    return f"{summary} ({type(exc).__name__}: {first_line[:300]})"
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def batch_of_two(example_inputs: tuple) -> tuple:
+    """Make every tensor input's batch dimension 2.
+
+    torch.export treats sizes 0 and 1 as static, so a batch-1 example would freeze the batch size;
+    BatchNorm in training mode also rejects single-sample batches.
+    """
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
+            x = torch.cat([x, x], dim=0)
+        out.append(x)
+    return tuple(out)

@@ -1,0 +1,140 @@
+"""Eager mode: QuantStub/DeQuantStub around the network, module fusion, ``prepare_qat``/``convert``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.ao.quantization as tq
+from torch import nn
+
+from qlightning.backends import Backend
+from qlightning.modes import _ao
+from qlightning.modes.base import QuantMode
+from qlightning.observers import get_observer
+from qlightning.quantized_engine import quantized_engine
+from qlightning.spec import QuantRecipe
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Sequences ``fuse_modules_qat`` accepts, longest first so conv-bn-relu wins over conv-bn.
+_FUSABLE = [
+    (_CONV, _BN, (nn.ReLU,)),
+    (_CONV, _BN),
+    (_CONV, (nn.ReLU,)),
+    ((nn.Linear,), (nn.BatchNorm1d,)),
+    ((nn.Linear,), (nn.ReLU,)),
+    (_BN, (nn.ReLU,)),
+]
+
+
+class EagerQuantWrapper(nn.Module):
+    """Quantize the input, run the network, dequantize the output."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.net = net
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.net(self.quant(x)))
+
+
+def _module_chains(net: nn.Module) -> list[list[str]]:
+    """Chains of submodule calls in execution order where each output feeds only the next call.
+
+    Found from an FX trace when the network is traceable; otherwise from ``nn.Sequential``
+    containers, whose order is their execution order.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(net).graph
+    except Exception:
+        chains = []
+        for prefix, module in net.named_modules():
+            if isinstance(module, nn.Sequential):
+                names = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_children()]
+                chains.append(names)
+        return chains
+    chains, current = [], []
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        if current and not (len(node.args) == 1 and node.args[0] is current[-1] and len(current[-1].users) == 1):
+            chains.append([n.target for n in current])
+            current = []
+        current.append(node)
+    if current:
+        chains.append([n.target for n in current])
+    return chains
+
+
+def find_modules_to_fuse(net: nn.Module) -> list[list[str]]:
+    """conv-bn(-relu), conv-relu, linear-bn, linear-relu and bn-relu groups, found automatically."""
+    groups = []
+    for chain in _module_chains(net):
+        i = 0
+        while i < len(chain):
+            for pattern in _FUSABLE:
+                names = chain[i : i + len(pattern)]
+                if len(names) == len(pattern) and all(
+                    isinstance(net.get_submodule(n), types) for n, types in zip(names, pattern)
+                ):
+                    groups.append(names)
+                    i += len(pattern)
+                    break
+            else:
+                i += 1
+    return groups
+
+
+class EagerMode(QuantMode):
+    name = "eager"
+
+    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None, **_):
+        if len(example_inputs) != 1:
+            raise self.untraceable(
+                network, TypeError(f"eager mode wraps a single tensor input, got {len(example_inputs)} inputs")
+            )
+        groups = find_modules_to_fuse(network) if modules_to_fuse is None else [list(g) for g in modules_to_fuse]
+        wrapper = EagerQuantWrapper(network).train()
+        if groups:
+            tq.fuse_modules_qat(wrapper, [[f"net.{n}" for n in g] for g in groups], inplace=True)
+        wrapper.qconfig = _ao.qat_qconfig(recipe)
+        tq.prepare_qat(wrapper, inplace=True)
+        self._check_convertible(wrapper, example_inputs, backend)
+        if get_observer(recipe.observer).learnable:
+            _ao.seed_lsq(wrapper, example_inputs)
+        return wrapper
+
+    def _check_convertible(self, wrapper, example_inputs, backend):
+        # Eager QAT runs in float, so ops without int8 kernels (``x + y``, functional calls on
+        # quantized tensors) only fail after conversion: find out now, before any training.
+        trial = copy.deepcopy(wrapper).eval()
+        try:
+            with torch.no_grad(), quantized_engine(backend.engine):
+                tq.convert(trial, inplace=True)
+                trial(*example_inputs)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the int8 model cannot run
+            raise self.untraceable(wrapper.net, exc) from exc
+
+    def convert(self, prepared, backend):
+        model = copy.deepcopy(prepared).cpu().eval()
+        with quantized_engine(backend.engine):
+            return tq.convert(model, inplace=True)
+
+    def quantizers(self, prepared):
+        return _ao.quantizers(prepared)
+
+    def set_observers_enabled(self, prepared, enabled):
+        _ao.set_observers_enabled(prepared, enabled)
+
+    def freeze_bn(self, prepared):
+        _ao.freeze_bn(prepared)
+
+    def enforce_frozen_bn(self, prepared):
+        _ao.enforce_frozen_bn(prepared)
+
+    def bn_modules_or_nodes(self, prepared):
+        return _ao.batchnorms(prepared)
+

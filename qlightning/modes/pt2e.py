@@ -1,0 +1,165 @@
+"""PT2E mode: ``torch.export`` with a dynamic batch dimension, torchao ``prepare_qat_pt2e`` with the
+backend's Quantizer, ``convert_pt2e``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torchao.quantization import pt2e as ao_pt2e
+from torchao.quantization.pt2e import observer as ao_observer
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+
+from qlightning.backends import Backend
+from qlightning.modes.base import QuantMode, batch_of_two
+from qlightning.observers import get_observer
+from qlightning.spec import QuantRecipe, TensorQuantSpec
+
+aten = torch.ops.aten
+# Ops whose train/eval behaviour is a boolean argument of the node, and that argument's position.
+_BATCHNORM_TRAINING_ARG = {aten.batch_norm.default: 5, aten._native_batch_norm_legit.default: 5}
+_DROPOUT_TRAINING_ARG = {aten.dropout.default: 2, aten.dropout_.default: 2, aten.feature_dropout.default: 2}
+
+
+def set_exported_training(gm: torch.fx.GraphModule, batchnorm: bool, dropout: bool) -> None:
+    """Switch BatchNorm and dropout nodes of an exported graph between train and eval behaviour.
+
+    ``model.train()`` does not reach into an exported graph. torchao's helper rewrites whole
+    subgraphs by pattern matching on every call (slow, and it loses custom momentum/eps); the
+    training flag is a plain argument of these aten ops, so we set it directly.
+    """
+    changed = False
+    for node in gm.graph.nodes:
+        for table, value in ((_BATCHNORM_TRAINING_ARG, batchnorm), (_DROPOUT_TRAINING_ARG, dropout)):
+            position = table.get(node.target)
+            if position is not None and node.args[position] != value:
+                args = list(node.args)
+                args[position] = value
+                node.args = tuple(args)
+                changed = True
+    if changed:
+        gm.recompile()
+
+
+def batchnorm_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.target in _BATCHNORM_TRAINING_ARG]
+
+
+class ExportedNetwork(nn.Module):
+    """Holds an exported graph and makes ``train()``/``eval()`` mean what they mean in eager.
+
+    Frozen BatchNorm stays in eval behaviour through ``train()``; dropout follows the mode. An
+    ``inference_only`` network (a converted int8 graph) keeps eval behaviour whatever the mode.
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, inference_only: bool = False):
+        super().__init__()
+        self.graph_module = graph_module
+        self.inference_only = inference_only
+        self.bn_frozen = False
+        self.train(not inference_only)
+
+    def forward(self, *args):
+        return self.graph_module(*args)
+
+    def train(self, mode: bool = True):
+        # torchao makes ``train()`` on the exported graph raise; the flag itself is harmless to set.
+        for module in self.modules():
+            module.training = mode
+        training = mode and not self.inference_only
+        set_exported_training(self.graph_module, batchnorm=training and not self.bn_frozen, dropout=training)
+        return self
+
+
+def _qscheme(spec: TensorQuantSpec):
+    if spec.per_channel:
+        return torch.per_channel_symmetric if spec.symmetric else torch.per_channel_affine
+    return torch.per_tensor_symmetric if spec.symmetric else torch.per_tensor_affine
+
+
+def quantization_spec(spec: TensorQuantSpec, observer_name: str, learnable: bool) -> QuantizationSpec:
+    observer = getattr(ao_observer, observer_name)
+    if learnable:
+        ctor = ao_pt2e.LearnableFakeQuantize.with_args(observer=observer, use_grad_scaling=True, eps=spec.eps)
+    elif observer_name.startswith("MovingAverage"):
+        ctor = ao_pt2e.FusedMovingAvgObsFakeQuantize.with_args(observer=observer, eps=spec.eps)
+    else:
+        ctor = ao_pt2e.FakeQuantize.with_args(observer=observer, eps=spec.eps)
+    return QuantizationSpec(
+        dtype=torch.uint8 if spec.dtype == "uint8" else torch.int8,
+        quant_min=spec.quant_min,
+        quant_max=spec.quant_max,
+        qscheme=_qscheme(spec),
+        ch_axis=spec.ch_axis if spec.per_channel else None,
+        is_dynamic=False,
+        observer_or_fake_quant_ctr=ctor,
+    )
+
+
+def qat_quantization_config(recipe: QuantRecipe) -> QuantizationConfig:
+    choice = get_observer(recipe.observer)
+    weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
+    activation = quantization_spec(recipe.activation, choice.activation_observer, choice.learnable)
+    weight = quantization_spec(recipe.weight, weight_observer, choice.learnable)
+    return QuantizationConfig(activation, activation, weight, None, is_qat=True)
+
+
+def export_network(network: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
+    example_inputs = batch_of_two(example_inputs)
+    dynamic_shapes = tuple(
+        {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
+    )
+    return torch.export.export(network, example_inputs, dynamic_shapes=dynamic_shapes).module()
+
+
+def _fake_quantizers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, ao_pt2e.FakeQuantizeBase)]
+
+
+class Pt2eMode(QuantMode):
+    name = "pt2e"
+
+    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+        quantizer = backend.pt2e_quantizer(qat_quantization_config(recipe))
+        try:
+            exported = export_network(network.train(), example_inputs)
+        except Exception as exc:  # noqa: BLE001 - torch.export raises many exception types
+            raise self.untraceable(network, exc) from exc
+        prepared = ExportedNetwork(prepare_qat_pt2e(exported, quantizer))
+        if get_observer(recipe.observer).learnable:
+            # LearnableFakeQuantize creates its scale parameters on first use: do it now, in eval
+            # (BN statistics untouched), so the optimizer made after setup sees and trains them.
+            with torch.no_grad():
+                prepared.eval()(*batch_of_two(example_inputs))
+            prepared.train()
+            for _, fq in _fake_quantizers(prepared):
+                if isinstance(fq, ao_pt2e.LearnableFakeQuantize):
+                    fq.enable_range_learning()
+        return prepared
+
+    def convert(self, prepared: ExportedNetwork, backend):
+        graph = copy.deepcopy(prepared.graph_module).cpu()
+        set_exported_training(graph, batchnorm=False, dropout=False)
+        return ExportedNetwork(convert_pt2e(graph), inference_only=True)
+
+    def quantizers(self, prepared):
+        return _fake_quantizers(prepared)
+
+    def set_observers_enabled(self, prepared, enabled):
+        for _, fq in _fake_quantizers(prepared):
+            if isinstance(fq, ao_pt2e.LearnableFakeQuantize):
+                if enabled:
+                    fq.enable_range_learning()
+                else:
+                    fq.disable_range_learning()
+            else:
+                fq.enable_observer(enabled)
+
+    def freeze_bn(self, prepared: ExportedNetwork):
+        prepared.bn_frozen = True
+        prepared.train(prepared.training)
+
+    def bn_modules_or_nodes(self, prepared: ExportedNetwork):
+        return batchnorm_nodes(prepared.graph_module)

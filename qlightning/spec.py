@@ -1,0 +1,75 @@
+"""Mode-independent description of how tensors are quantized.
+
+A :class:`TensorQuantSpec` names the integer range and scheme of one kind of tensor (activations or
+weights). A :class:`QuantRecipe` joins the two with the observer choice; every mode turns a recipe into
+its own objects (eager/FX ``QConfig``, PT2E ``QuantizationSpec``), so the numbers live in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+_DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+@dataclass(frozen=True)
+class TensorQuantSpec:
+    dtype: str  # "uint8" or "int8"
+    quant_min: int
+    quant_max: int
+    symmetric: bool
+    per_channel: bool
+    ch_axis: int = 0
+    # Smallest scale an observer may produce; some backends (qnnpack) require 2**-12.
+    eps: float = 2.0**-12
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPE_RANGES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPE_RANGES)}, got {self.dtype!r}")
+        lo, hi = _DTYPE_RANGES[self.dtype]
+        if not lo <= self.quant_min < self.quant_max <= hi:
+            raise ValueError(
+                f"quant range [{self.quant_min}, {self.quant_max}] does not fit {self.dtype} [{lo}, {hi}]"
+            )
+
+    def with_scheme(self, symmetric: bool | None = None, per_channel: bool | None = None) -> "TensorQuantSpec":
+        return replace(
+            self,
+            symmetric=self.symmetric if symmetric is None else symmetric,
+            per_channel=self.per_channel if per_channel is None else per_channel,
+        )
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    activation: TensorQuantSpec
+    weight: TensorQuantSpec
+    observer: str
+
+
+def qparams_from_range(min_val: float, max_val: float, spec: TensorQuantSpec) -> tuple[float, int]:
+    """Scale and zero point for an observed range, by the guide's formulas (computed in float32,
+    as the observers do).
+
+    The range is first widened to include 0, so that 0 is exactly representable (needed for padding
+    and ReLU). Asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``zp = qmin - round(min / scale)``
+    clamped to the range. Symmetric: ``scale = 2 * max(|min|, |max|) / (qmax - qmin)``; ``zp`` is 0
+    for signed types and the middle of the range for unsigned ones (128 for the full [0, 255]).
+    """
+    f32 = np.float32
+    qmin, qmax = spec.quant_min, spec.quant_max
+    lo, hi = f32(min(min_val, 0.0)), f32(max(max_val, 0.0))
+    eps = f32(spec.eps)
+    if spec.symmetric:
+        bound = max(-lo, hi)
+        scale = max(bound / (f32(qmax - qmin) / f32(2)), eps)
+        if spec.dtype == "int8":
+            zero_point = 0
+        else:
+            zero_point = 128 if (qmin, qmax) == (0, 255) else (qmin + qmax) // 2
+        return float(scale), zero_point
+    scale = max((hi - lo) / f32(qmax - qmin), eps)
+    zero_point = int(np.clip(qmin - np.round(lo / scale), qmin, qmax))
+    return float(scale), zero_point
