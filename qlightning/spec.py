@@ -56,7 +56,7 @@ def qparams_from_range(min_val: float, max_val: float, spec: TensorQuantSpec) ->
     The range is first widened to include 0, so that 0 is exactly representable (needed for padding
     and ReLU). Asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``zp = qmin - round(min / scale)``
     clamped to the range. Symmetric: ``scale = 2 * max(|min|, |max|) / (qmax - qmin)``; ``zp`` is 0
-    for signed types and the middle of the range for unsigned ones (128 for the full [0, 255]).
+    for signed types and ``(qmin + qmax) // 2`` for unsigned ones.
     """
     f32 = np.float32
     qmin, qmax = spec.quant_min, spec.quant_max
@@ -65,10 +65,8 @@ def qparams_from_range(min_val: float, max_val: float, spec: TensorQuantSpec) ->
     if spec.symmetric:
         bound = max(-lo, hi)
         scale = max(bound / (f32(qmax - qmin) / f32(2)), eps)
-        if spec.dtype == "int8":
-            zero_point = 0
-        else:
-            zero_point = 128 if (qmin, qmax) == (0, 255) else (qmin + qmax) // 2
+        # The centre of an unsigned range, as PyTorch computes it for an explicit quant range.
+        zero_point = 0 if spec.dtype == "int8" else (qmin + qmax) // 2
         return float(scale), zero_point
     scale = max((hi - lo) / f32(qmax - qmin), eps)
     zero_point = int(np.clip(qmin - np.round(lo / scale), qmin, qmax))

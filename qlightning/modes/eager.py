@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.ao.quantization as tq
@@ -112,7 +113,9 @@ class EagerMode(QuantMode):
         # quantized tensors) only fail after conversion: find out now, before any training.
         trial = copy.deepcopy(wrapper).eval()
         try:
-            with torch.no_grad(), quantized_engine(backend.engine):
+            with torch.no_grad(), quantized_engine(backend.engine), warnings.catch_warnings():
+                # Observers have seen nothing yet; their default qparams are fine for this check.
+                warnings.filterwarnings("ignore", message="must run observer before calling calculate_qparams")
                 tq.convert(trial, inplace=True)
                 trial(*example_inputs)
         except Exception as exc:  # noqa: BLE001 - any failure here means the int8 model cannot run

@@ -15,6 +15,7 @@ from torchao.quantization.pt2e.quantizer import QuantizationConfig, Quantization
 from qlightning.backends import Backend
 from qlightning.modes.base import QuantMode, batch_of_two
 from qlightning.observers import get_observer
+from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn
 from qlightning.spec import QuantRecipe, TensorQuantSpec
 
 aten = torch.ops.aten
@@ -142,6 +143,7 @@ class Pt2eMode(QuantMode):
     def convert(self, prepared: ExportedNetwork, backend):
         graph = copy.deepcopy(prepared.graph_module).cpu()
         set_exported_training(graph, batchnorm=False, dropout=False)
+        fold_qat_conv_bn(graph)
         return ExportedNetwork(convert_pt2e(graph), inference_only=True)
 
     def quantizers(self, prepared):

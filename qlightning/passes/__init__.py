@@ -1,0 +1,1 @@
+"""Graph passes that make a QAT model deployable."""

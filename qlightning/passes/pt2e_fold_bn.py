@@ -1,0 +1,114 @@
+"""Fold BatchNorm into the preceding convolution of a PT2E QAT graph, before ``convert_pt2e``.
+
+torchao's ``prepare_qat_pt2e`` rewrites conv-bn into a simulation of the folded conv:
+
+    w_fq = fake_quant(conv_weight * (gamma / sqrt(running_var + eps)))      # per out-channel scale s
+    y    = batch_norm(conv(x, w_fq, None) / s [+ conv_bias], gamma, beta, running_mean, running_var)
+
+In eval behaviour that equals ``conv(x, w_fq, (conv_bias - running_mean) * s + beta)``. torchao's own
+folding in ``convert_pt2e`` finds this by exporting and matching ~50 pattern variants, which costs tens
+of seconds per conversion; the structure is known here, so we rewrite it directly. BatchNorms that do
+not fit the pattern are left for torchao.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import fx, nn
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+_CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+
+
+def _arg_through_reshape(node) -> fx.Node | None:
+    if isinstance(node, fx.Node) and node.target == aten.reshape.default:
+        return node.args[0]
+    return None
+
+
+def _get_attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = functools.reduce(getattr, node.target.split("."), gm)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _match(gm: fx.GraphModule, bn: fx.Node):
+    """(conv node, weight fake-quant node, conv weight, conv bias or None) of a QAT conv-bn, or None."""
+    node, conv_bias = bn.args[0], None
+    if node.target == aten.add.Tensor:
+        bias_node = _arg_through_reshape(node.args[1])
+        conv_bias = _get_attr(gm, bias_node)
+        if conv_bias is None:
+            return None
+        node = node.args[0]
+    if node.target != aten.div.Tensor or not isinstance(node.args[0], fx.Node):
+        return None
+    conv = node.args[0]
+    if conv.target not in _CONV_OPS or len(conv.users) != 1:
+        return None
+    weight_fq = conv.args[1]
+    if not (isinstance(weight_fq, fx.Node) and weight_fq.op == "call_module"):
+        return None
+    scaled_weight = weight_fq.args[0]
+    if scaled_weight.target != aten.mul.Tensor:
+        return None
+    conv_weight = _get_attr(gm, scaled_weight.args[0])
+    if conv_weight is None:
+        return None
+    return conv, weight_fq, conv_weight, conv_bias
+
+
+def fold_qat_conv_bn(gm: fx.GraphModule) -> int:
+    """Fold every matching conv-bn of a PT2E QAT graph in place; returns how many were folded.
+
+    The graph must already be in eval behaviour (``set_exported_training(gm, False, False)``):
+    folding uses the running statistics.
+    """
+    folded = 0
+    for bn in [n for n in gm.graph.nodes if n.target == aten.batch_norm.default]:
+        _, gamma_n, beta_n, mean_n, var_n, training, _, eps = bn.args[:8]
+        if training:
+            raise ValueError("fold_qat_conv_bn needs BatchNorm in eval behaviour; call set_exported_training first")
+        match = _match(gm, bn)
+        params = [_get_attr(gm, n) for n in (gamma_n, beta_n, mean_n, var_n)]
+        if match is None or any(p is None for p in params):
+            continue
+        conv, weight_fq, weight, bias = match
+        gamma, beta, mean, var = (p.detach() for p in params)
+        scale = gamma / torch.sqrt(var + eps)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        folded_weight = weight.detach() * scale.reshape(shape)
+        folded_bias = ((bias.detach() if bias is not None else torch.zeros_like(mean)) - mean) * scale + beta
+
+        prefix = conv.name
+        gm.register_parameter(f"{prefix}_folded_weight", nn.Parameter(folded_weight))
+        gm.register_parameter(f"{prefix}_folded_bias", nn.Parameter(folded_bias))
+        with gm.graph.inserting_before(weight_fq):
+            weight_node = gm.graph.get_attr(f"{prefix}_folded_weight")
+            bias_node = gm.graph.get_attr(f"{prefix}_folded_bias")
+        weight_fq.args = (weight_node,)
+        args = list(conv.args)
+        if len(args) < 3:
+            args += [None] * (3 - len(args))
+        args[2] = bias_node
+        conv.args = tuple(args)
+        bn.replace_all_uses_with(conv)
+        gm.graph.erase_node(bn)
+        folded += 1
+    if folded:
+        # The running-stat counters' in-place increments are side effects DCE keeps: drop them.
+        for node in list(gm.graph.nodes):
+            if node.target == aten.add_.Tensor and node.args[0].op == "get_attr" and "num_batches_tracked" in str(
+                node.args[0].target
+            ):
+                gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    log.info("fold_qat_conv_bn: folded %d conv-bn pair(s)", folded)
+    return folded
