@@ -104,6 +104,7 @@ class QuantizationAwareTraining(Callback):
         self._impl = None
         self._attr: str | None = None
         self._prepared: nn.Module | None = None
+        self._trainer: Trainer | None = None
 
     # -- identity ---------------------------------------------------------------------------------
     @property
@@ -138,7 +139,6 @@ class QuantizationAwareTraining(Callback):
             return
         if self._prepared is not None and getattr(pl_module, self._attr, None) is self._prepared:
             return  # fit called again: keep training the prepared network
-        self._check_checkpoint_config(trainer)
         self._attr = resolve_network(pl_module, self.module)
         example_inputs = resolve_example_inputs(pl_module, self.example_inputs)
         self._impl = get_mode(self.mode)
@@ -150,16 +150,24 @@ class QuantizationAwareTraining(Callback):
         # prepared parameters (the fused, fake-quantized ones, LSQ scales included).
         setattr(pl_module, self._attr, prepared)
         self._prepared = prepared
+        self._trainer = trainer
+        prepared.register_load_state_dict_pre_hook(self._on_network_state_load)
         rank_zero_info(
             f"qlightning: prepared `{self._attr}` for QAT (mode={self.mode}, backend={self.backend.name}, "
             f"observer={self.observer}, {len(self._impl.quantizers(prepared))} quantizers)"
         )
 
-    def _check_checkpoint_config(self, trainer: Trainer) -> None:
-        # Fail before the model state fails to load with a list of mismatched keys.
-        ckpt_path = getattr(trainer, "ckpt_path", None)
-        if not ckpt_path:
+    def _on_network_state_load(self, module, state_dict, prefix, *args) -> None:
+        # Lightning restores the model before any callback state, so a checkpoint from another quant
+        # config would fail with a wall of mismatched keys: name the real cause first.
+        incoming = {key[len(prefix) :] for key in state_dict if key.startswith(prefix)}
+        if incoming == set(module.state_dict()):
             return
+        ckpt_path = getattr(self._trainer, "ckpt_path", None)
+        if ckpt_path:
+            self._check_checkpoint_config(ckpt_path)
+
+    def _check_checkpoint_config(self, ckpt_path) -> None:
         from lightning.fabric.utilities.cloud_io import _load
 
         checkpoint = _load(ckpt_path, map_location="cpu", weights_only=False)
@@ -169,8 +177,8 @@ class QuantizationAwareTraining(Callback):
                 f"checkpoint {ckpt_path} holds no QuantizationAwareTraining state: it was not saved during QAT "
                 "with qlightning; resume QAT only from QAT checkpoints"
             )
-        if not any(all(s.get(k, v) == v for k, v in self._config().items()) for s in states):
-            self._check_config_matches(states[0], f"checkpoint {ckpt_path}")
+        for state in states:
+            self._check_config_matches(state, f"checkpoint {ckpt_path}")
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
