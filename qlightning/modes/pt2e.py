@@ -115,6 +115,21 @@ def export_network(network: nn.Module, example_inputs: tuple) -> torch.fx.GraphM
     return torch.export.export(network, example_inputs, dynamic_shapes=dynamic_shapes).module()
 
 
+def _drop_unreferenced_tensors(gm: torch.fx.GraphModule) -> None:
+    """Delete parameters and buffers no graph node reads any more.
+
+    After conversion the float weights (and the conv-bn fold's float copies) are replaced by int8
+    constants, but stay attached to the module, doubling its size in any ``state_dict``.
+    """
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
+        if name not in used:
+            owner_name, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(owner_name)
+            owner._parameters.pop(attr, None)
+            owner._buffers.pop(attr, None)
+
+
 def _fake_quantizers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, ao_pt2e.FakeQuantizeBase)]
 
@@ -144,7 +159,9 @@ class Pt2eMode(QuantMode):
         graph = copy.deepcopy(prepared.graph_module).cpu()
         set_exported_training(graph, batchnorm=False, dropout=False)
         fold_qat_conv_bn(graph)
-        return ExportedNetwork(convert_pt2e(graph), inference_only=True)
+        converted = convert_pt2e(graph)
+        _drop_unreferenced_tensors(converted)
+        return ExportedNetwork(converted, inference_only=True)
 
     def quantizers(self, prepared):
         return _fake_quantizers(prepared)

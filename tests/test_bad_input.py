@@ -1,0 +1,145 @@
+"""Bad input fails early, says what was wrong and what is allowed, and spends no training step."""
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from qlightning import QuantizationAwareTraining, QuantizationConfigError, UntraceableModelError
+from qlightning.models import ImageClassifier, SmallCNN
+from tests.conftest import trainer_kwargs
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(mode="jit"), r"unknown mode 'jit'; valid modes are: 'eager', 'fx', 'pt2e'"),
+        (dict(backend="tpu"), r"unknown backend 'tpu'; valid backends are: 'fbgemm', 'qnnpack', 'x86'"),
+        (
+            dict(observer="kl"),
+            r"unknown observer 'kl'; valid observers are: 'histogram', 'lsq', 'minmax', 'moving_average_minmax'",
+        ),
+        (dict(freeze_bn_epoch=-1), r"freeze_bn_epoch must be None or an epoch number >= 0, got -1"),
+        (dict(freeze_observers_epoch=1.5), r"freeze_observers_epoch must be None or an epoch number >= 0, got 1.5"),
+        (dict(weight_scheme="per_row"), r"unknown weight scheme 'per_row'; valid weight schemes are: "),
+        (
+            dict(activation_scheme="per_channel_affine"),
+            r"unknown activation scheme 'per_channel_affine'; valid activation schemes are: "
+            r"'per_tensor_affine', 'per_tensor_symmetric'",
+        ),
+        (dict(mode="fx", modules_to_fuse=[["conv1", "bn1"]]), r"modules_to_fuse applies to mode='eager' only"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, message):
+    with pytest.raises(QuantizationConfigError, match=message):
+        QuantizationAwareTraining(**kwargs)
+
+
+class _CountingClassifier(ImageClassifier):
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: FX symbolic tracing and torch.export both refuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if x.sum() > 0:
+            return self.fc(x)
+        return self.fc(-x)
+
+
+class ResidualAdd(nn.Module):
+    """``x + y`` on quantized tensors has no eager int8 kernel (needs FloatFunctional)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc((self.conv(x) + x).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "mode,net,message",
+    [
+        ("fx", DataDependent, r"mode='fx' could not capture DataDependent: the failing op is `.*if x.sum\(\) > 0.*"
+         r"try mode='pt2e'"),
+        ("pt2e", DataDependent, r"mode='pt2e' could not capture DataDependent: the failing op is `.*if x.sum\(\) > 0.*"
+         r"try mode='fx'"),
+        ("eager", ResidualAdd, r"mode='eager' could not capture ResidualAdd: the failing op is `.*self.conv\(x\) \+ x.*"
+         r"try mode='fx' or mode='pt2e'"),
+    ],
+)
+def test_untraceable_network_fails_in_setup_before_any_training_step(mode, net, message, digits):
+    _CountingClassifier.steps = 0
+    model = _CountingClassifier(net())
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[QuantizationAwareTraining(mode, "x86")]))
+    with pytest.raises(UntraceableModelError, match=message):
+        trainer.fit(model, digits)
+    assert _CountingClassifier.steps == 0 and trainer.global_step == 0
+
+
+def test_missing_example_inputs(digits):
+    model = ImageClassifier(SmallCNN())
+    model.example_input_array = None
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[QuantizationAwareTraining("fx")]))
+    with pytest.raises(QuantizationConfigError, match=r"needs example inputs.*example_input_array.*example_inputs="):
+        trainer.fit(model, digits)
+
+
+class TwoNets(ImageClassifier):
+    def __init__(self):
+        super().__init__(SmallCNN())
+        self.teacher = SmallCNN()
+
+
+def test_network_must_be_named_when_ambiguous(digits):
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[QuantizationAwareTraining("fx")]))
+    with pytest.raises(QuantizationConfigError, match=r"several child networks \['net', 'teacher'\].*module=<name>"):
+        trainer.fit(TwoNets(), digits)
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[QuantizationAwareTraining("fx", module="student")]))
+    with pytest.raises(QuantizationConfigError, match=r"module='student' is not a submodule of TwoNets; its networks are"):
+        trainer.fit(TwoNets(), digits)
+
+
+def test_named_network_is_the_one_quantized(digits):
+    model = TwoNets()
+    qat = QuantizationAwareTraining("fx", module="teacher")
+    L.Trainer(**trainer_kwargs(max_epochs=1, limit_train_batches=1, callbacks=[qat])).fit(model, digits)
+    assert model.teacher is qat.prepared_network and isinstance(model.net, SmallCNN)
+
+
+def test_eager_fusion_found_automatically_and_overridable():
+    from qlightning.modes.eager import find_modules_to_fuse
+
+    assert find_modules_to_fuse(SmallCNN()) == [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"], ["fc1", "relu3"]]
+    # Untraceable networks fall back to nn.Sequential order.
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2), nn.ReLU())
+    assert find_modules_to_fuse(seq) == [["0", "1", "2"], ["4", "5"]]
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = seq
+
+        def forward(self, x):
+            return self.body(x) if x.sum() > 0 else self.body(-x)
+
+    assert find_modules_to_fuse(Untraceable()) == [["body.0", "body.1", "body.2"], ["body.4", "body.5"]]
+    from qlightning.backends import get_backend
+    from qlightning.modes.eager import EagerMode
+
+    qat = QuantizationAwareTraining("eager", modules_to_fuse=[["conv1", "bn1"]])
+    prepared = EagerMode().prepare_qat(SmallCNN(), (torch.rand(2, 1, 8, 8),), qat.recipe, get_backend("x86"),
+                                       modules_to_fuse=[["conv1", "bn1"]])
+    assert type(prepared.net.conv1).__name__ == "ConvBn2d" and type(prepared.net.conv2).__name__ == "Conv2d"
