@@ -14,9 +14,9 @@ from qlightning.errors import UntraceableModelError
 from qlightning.spec import QuantRecipe
 
 _OTHER_MODES_HINT = {
-    "eager": "mode='fx' or mode='pt2e' insert quant/dequant automatically and accept functional ops",
-    "fx": "mode='pt2e' (torch.export traces data-dependent Python that FX symbolic tracing cannot) "
-    "or mode='eager' (no tracing at all)",
+    "eager": "mode='fx' or mode='pt2e', which place quant/dequant around every op themselves",
+    "fx": "mode='pt2e' (torch.export accepts shape-dependent Python and functional code that FX symbolic "
+    "tracing rejects) or mode='eager' (no tracing at all)",
     "pt2e": "mode='fx' (symbolic tracing can leave untraceable submodules as leaves) or mode='eager'",
 }
 
