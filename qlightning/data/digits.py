@@ -3,13 +3,13 @@ installed package, so the default job runs offline."""
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from qlightning.data.sampling import EpochSeededRandomSampler
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from qlightning.data.base import SplitDataModule
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """1797 grey 8x8 digit images (1 x 8 x 8, values in [0, 1]) in 10 classes.
 
     A seeded, stratified split keeps ``val_fraction`` of every class for validation.
@@ -19,13 +19,10 @@ class DigitsDataModule(L.LightningDataModule):
     input_shape = (1, 8, 8)
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0):
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size, self.val_fraction, self.seed, self.num_workers = batch_size, val_fraction, seed, num_workers
-        self.train_set = self.val_set = None
+        self.val_fraction = val_fraction
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -41,13 +38,4 @@ class DigitsDataModule(L.LightningDataModule):
         )
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
-
-    def train_dataloader(self):
-        sampler = EpochSeededRandomSampler(len(self.train_set), self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers)
-
-    def test_dataloader(self):
-        return self.val_dataloader()
+        self.test_set = self.val_set  # the digits have no separate test split

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
-from qlightning.data.sampling import EpochSeededRandomSampler
-from torch.utils.data import DataLoader, random_split
-
 import torch
+from torch.utils.data import random_split
+
+from qlightning.data.base import SplitDataModule
 
 _DATASETS = {
     "fashion_mnist": {
@@ -33,18 +32,17 @@ class DatasetNotFoundError(FileNotFoundError):
     pass
 
 
-class TorchvisionDataModule(L.LightningDataModule):
+class TorchvisionDataModule(SplitDataModule):
     num_classes = 10
 
     def __init__(self, name: str = "fashion_mnist", root: str = "data", batch_size: int = 128,
                  val_fraction: float = 0.1, seed: int = 0, num_workers: int = 0):
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers)
         if name not in _DATASETS:
             raise ValueError(f"unknown dataset {name!r}; valid datasets are: {', '.join(sorted(_DATASETS))}")
         self.name, self.root = name, Path(root)
-        self.batch_size, self.val_fraction, self.seed, self.num_workers = batch_size, val_fraction, seed, num_workers
+        self.val_fraction = val_fraction
         self.input_shape = _DATASETS[name]["shape"]
-        self.train_set = self.val_set = self.test_set = None
 
     def _load(self, train: bool):
         import torchvision
@@ -72,13 +70,3 @@ class TorchvisionDataModule(L.LightningDataModule):
             full_train, [len(full_train) - n_val, n_val], generator=torch.Generator().manual_seed(self.seed)
         )
         self.test_set = self._load(train=False)
-
-    def train_dataloader(self):
-        sampler = EpochSeededRandomSampler(len(self.train_set), self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=256, num_workers=self.num_workers)
-
-    def test_dataloader(self):
-        return DataLoader(self.test_set, batch_size=256, num_workers=self.num_workers)
