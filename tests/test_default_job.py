@@ -2,7 +2,6 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from qlightning import QuantizationConfigError
 from qlightning.jobs import train

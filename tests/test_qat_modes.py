@@ -1,6 +1,5 @@
 """Real-Trainer QAT in every mode x backend: prepare, train, freeze on schedule, convert."""
 
-import copy
 
 import lightning as L
 import pytest
@@ -8,7 +7,6 @@ import torch
 from lightning.pytorch import Callback
 
 from qlightning import QuantizationAwareTraining, quantized_engine
-from qlightning.models import ImageClassifier, SmallCNN
 from tests.conftest import trainer_kwargs
 
 MODES = ["eager", "fx", "pt2e"]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -17,7 +15,6 @@ from qlightning.modes.registry import get_mode, validate_mode
 from qlightning.observers import get_observer
 from qlightning.spec import QuantRecipe
 
-log = logging.getLogger(__name__)
 
 WEIGHT_SCHEMES = ("per_channel_symmetric", "per_channel_affine", "per_tensor_symmetric", "per_tensor_affine")
 ACTIVATION_SCHEMES = ("per_tensor_affine", "per_tensor_symmetric")

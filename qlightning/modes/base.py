@@ -84,10 +84,6 @@ def describe_failure(exc: BaseException) -> str:
     return f"{summary} ({type(exc).__name__}: {first_line[:300]})"
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def batch_of_two(example_inputs: tuple) -> tuple:
     """Make every tensor input's batch dimension 2.
 
