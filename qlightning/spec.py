@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 _DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 
@@ -33,6 +34,12 @@ class TensorQuantSpec:
             raise ValueError(
                 f"quant range [{self.quant_min}, {self.quant_max}] does not fit {self.dtype} [{lo}, {hi}]"
             )
+
+    @property
+    def qscheme(self) -> torch.qscheme:
+        if self.per_channel:
+            return torch.per_channel_symmetric if self.symmetric else torch.per_channel_affine
+        return torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
 
     def with_scheme(self, symmetric: bool | None = None, per_channel: bool | None = None) -> "TensorQuantSpec":
         return replace(

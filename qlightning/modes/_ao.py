@@ -41,11 +41,6 @@ class LearnableFakeQuantize(_LearnableFakeQuantize):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _qscheme(spec: TensorQuantSpec):
-    if spec.per_channel:
-        return torch.per_channel_symmetric if spec.symmetric else torch.per_channel_affine
-    return torch.per_tensor_symmetric if spec.symmetric else torch.per_tensor_affine
-
 
 def fake_quant_ctor(spec: TensorQuantSpec, observer_name: str, learnable: bool):
     """A ``with_args`` constructor of the fake-quantize module for one kind of tensor."""
@@ -54,7 +49,7 @@ def fake_quant_ctor(spec: TensorQuantSpec, observer_name: str, learnable: bool):
         quant_min=spec.quant_min,
         quant_max=spec.quant_max,
         dtype=torch.quint8 if spec.dtype == "uint8" else torch.qint8,
-        qscheme=_qscheme(spec),
+        qscheme=spec.qscheme,
         eps=spec.eps,
     )
     if spec.per_channel:

@@ -74,11 +74,6 @@ class ExportedNetwork(nn.Module):
         return self
 
 
-def _qscheme(spec: TensorQuantSpec):
-    if spec.per_channel:
-        return torch.per_channel_symmetric if spec.symmetric else torch.per_channel_affine
-    return torch.per_tensor_symmetric if spec.symmetric else torch.per_tensor_affine
-
 
 def quantization_spec(spec: TensorQuantSpec, observer_name: str, learnable: bool) -> QuantizationSpec:
     observer = getattr(ao_observer, observer_name)
@@ -92,7 +87,7 @@ def quantization_spec(spec: TensorQuantSpec, observer_name: str, learnable: bool
         dtype=torch.uint8 if spec.dtype == "uint8" else torch.int8,
         quant_min=spec.quant_min,
         quant_max=spec.quant_max,
-        qscheme=_qscheme(spec),
+        qscheme=spec.qscheme,
         ch_axis=spec.ch_axis if spec.per_channel else None,
         is_dynamic=False,
         observer_or_fake_quant_ctr=ctor,
