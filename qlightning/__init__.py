@@ -1,13 +1,14 @@
 """qlightning: quantization as Lightning callbacks."""
 
 from qlightning.backends import available_backends, get_backend, register_backend
-from qlightning.callbacks import QuantizationAwareTraining
+from qlightning.callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from qlightning.errors import QuantizationConfigError, UntraceableModelError
 from qlightning.modes import available_modes
 from qlightning.observers import available_observers, register_observer
 from qlightning.quantized_engine import quantized_engine
 
 __all__ = [
+    "PostTrainingQuantization",
     "QuantizationAwareTraining",
     "QuantizationConfigError",
     "UntraceableModelError",

@@ -1,3 +1,4 @@
+from qlightning.callbacks.ptq import PostTrainingQuantization
 from qlightning.callbacks.qat import QuantizationAwareTraining
 
-__all__ = ["QuantizationAwareTraining"]
+__all__ = ["PostTrainingQuantization", "QuantizationAwareTraining"]

@@ -8,30 +8,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from qlightning.backends import get_backend
+from qlightning.callbacks.config import build_recipe, check_epoch, check_modules_to_fuse
 from qlightning.callbacks.target import resolve_example_inputs, resolve_network
-from qlightning.errors import QuantizationConfigError, unknown_choice
-from qlightning.modes.registry import get_mode, validate_mode
-from qlightning.observers import get_observer
-from qlightning.spec import QuantRecipe
+from qlightning.errors import QuantizationConfigError
+from qlightning.modes.registry import get_mode
 
 
-WEIGHT_SCHEMES = ("per_channel_symmetric", "per_channel_affine", "per_tensor_symmetric", "per_tensor_affine")
-ACTIVATION_SCHEMES = ("per_tensor_affine", "per_tensor_symmetric")
 # Bumped when the checkpointed callback state changes shape; older states must still load.
 STATE_VERSION = 1
-
-
-def _check_epoch(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise QuantizationConfigError(f"{name} must be None or an epoch number >= 0, got {value!r}")
-
-
-def _scheme(kind: str, value: str, valid: Sequence[str]) -> tuple[bool, bool]:
-    """(symmetric, per_channel) of a scheme name."""
-    if value not in valid:
-        raise unknown_choice(f"{kind} scheme", value, valid)
-    return value.endswith("symmetric"), value.startswith("per_channel")
 
 
 class QuantizationAwareTraining(Callback):
@@ -67,27 +51,11 @@ class QuantizationAwareTraining(Callback):
         activation_scheme: str = "per_tensor_affine",
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
     ):
-        self.mode = validate_mode(mode)
-        self.backend = get_backend(backend)
-        if mode not in self.backend.modes:
-            raise QuantizationConfigError(
-                f"backend {backend!r} does not support mode {mode!r}; it supports {sorted(self.backend.modes)}"
-            )
-        get_observer(observer)
-        self.observer = observer
-        _check_epoch("freeze_bn_epoch", freeze_bn_epoch)
-        _check_epoch("freeze_observers_epoch", freeze_observers_epoch)
-        w_sym, w_pc = _scheme("weight", weight_scheme, WEIGHT_SCHEMES)
-        a_sym, a_pc = _scheme("activation", activation_scheme, ACTIVATION_SCHEMES)
-        if modules_to_fuse is not None and mode != "eager":
-            raise QuantizationConfigError(
-                f"modules_to_fuse applies to mode='eager' only; mode={mode!r} fuses from its BackendConfig/Quantizer"
-            )
-        self.recipe = QuantRecipe(
-            activation=self.backend.activation.with_scheme(symmetric=a_sym, per_channel=a_pc),
-            weight=self.backend.weight.with_scheme(symmetric=w_sym, per_channel=w_pc),
-            observer=observer,
-        )
+        self.backend, self.recipe = build_recipe(mode, backend, observer, weight_scheme, activation_scheme)
+        self.mode, self.observer = mode, observer
+        check_epoch("freeze_bn_epoch", freeze_bn_epoch)
+        check_epoch("freeze_observers_epoch", freeze_observers_epoch)
+        check_modules_to_fuse(mode, modules_to_fuse)
         self.weight_scheme, self.activation_scheme = weight_scheme, activation_scheme
         self.module = module
         self.example_inputs = example_inputs

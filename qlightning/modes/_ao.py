@@ -42,10 +42,8 @@ class LearnableFakeQuantize(_LearnableFakeQuantize):
 
 
 
-def fake_quant_ctor(spec: TensorQuantSpec, observer_name: str, learnable: bool):
-    """A ``with_args`` constructor of the fake-quantize module for one kind of tensor."""
+def _spec_kwargs(spec: TensorQuantSpec) -> dict:
     kwargs = dict(
-        observer=getattr(tq.observer, observer_name),
         quant_min=spec.quant_min,
         quant_max=spec.quant_max,
         dtype=torch.quint8 if spec.dtype == "uint8" else torch.qint8,
@@ -54,6 +52,17 @@ def fake_quant_ctor(spec: TensorQuantSpec, observer_name: str, learnable: bool):
     )
     if spec.per_channel:
         kwargs["ch_axis"] = spec.ch_axis
+    return kwargs
+
+
+def observer_ctor(spec: TensorQuantSpec, observer_name: str):
+    """A ``with_args`` constructor of the (calibration) observer for one kind of tensor."""
+    return getattr(tq.observer, observer_name).with_args(**_spec_kwargs(spec))
+
+
+def fake_quant_ctor(spec: TensorQuantSpec, observer_name: str, learnable: bool):
+    """A ``with_args`` constructor of the fake-quantize module for one kind of tensor."""
+    kwargs = dict(observer=getattr(tq.observer, observer_name), **_spec_kwargs(spec))
     if learnable:
         return LearnableFakeQuantize.with_args(**kwargs)
     if observer_name.startswith("MovingAverage"):
@@ -69,6 +78,40 @@ def qat_qconfig(recipe: QuantRecipe) -> tq.QConfig:
         activation=fake_quant_ctor(recipe.activation, choice.activation_observer, choice.learnable),
         weight=fake_quant_ctor(recipe.weight, weight_observer, choice.learnable),
     )
+
+
+def ptq_qconfig(recipe: QuantRecipe) -> tq.QConfig:
+    """Observers only: static post-training quantization calibrates, it does not fake-quantize."""
+    choice = get_observer(recipe.observer)
+    weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
+    return tq.QConfig(
+        activation=observer_ctor(recipe.activation, choice.activation_observer),
+        weight=observer_ctor(recipe.weight, weight_observer),
+    )
+
+
+def dynamic_qconfig(recipe: QuantRecipe) -> tq.QConfig:
+    """int8 weights observed once at conversion; activations get their qparams at run time."""
+    choice = get_observer(recipe.observer)
+    weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
+    act = recipe.activation
+    return tq.QConfig(
+        activation=tq.PlaceholderObserver.with_args(
+            dtype=torch.quint8 if act.dtype == "uint8" else torch.qint8,
+            quant_min=act.quant_min,
+            quant_max=act.quant_max,
+            is_dynamic=True,
+        ),
+        weight=observer_ctor(recipe.weight, weight_observer),
+    )
+
+
+# Layers with dynamic int8 kernels in torch.ao (weights int8, activations quantized per call).
+DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
+def observers(prepared: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in prepared.named_modules() if isinstance(m, tq.ObserverBase)]
 
 
 def quantizers(prepared: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -31,8 +31,25 @@ class QuantMode(ABC):
         """Return the network with fake quantization inserted, ready to train."""
 
     @abstractmethod
+    def prepare_ptq(
+        self, network: nn.Module, example_inputs: tuple, recipe: QuantRecipe, backend: Backend, **options
+    ) -> nn.Module:
+        """Return a copy of the network in eval mode with observers inserted, ready to calibrate."""
+
+    @abstractmethod
+    def quantize_dynamic(
+        self, network: nn.Module, example_inputs: tuple, recipe: QuantRecipe, backend: Backend, **options
+    ) -> nn.Module:
+        """Return a copy of the network with int8 Linear/LSTM/GRU weights whose activations are
+        quantized at run time (no calibration)."""
+
+    @abstractmethod
     def convert(self, prepared: nn.Module, backend: Backend) -> nn.Module:
         """Return an int8 model built from a *copy* of ``prepared``; ``prepared`` is left trainable."""
+
+    @abstractmethod
+    def observers(self, prepared: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, observer module) for every observer of a network made by :meth:`prepare_ptq`."""
 
     @abstractmethod
     def quantizers(self, prepared: nn.Module) -> list[tuple[str, nn.Module]]:

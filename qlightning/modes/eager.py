@@ -92,21 +92,40 @@ def find_modules_to_fuse(net: nn.Module) -> list[list[str]]:
 class EagerMode(QuantMode):
     name = "eager"
 
-    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None, **_):
+    def _wrap_and_fuse(self, network, example_inputs, modules_to_fuse, qat: bool) -> EagerQuantWrapper:
         if len(example_inputs) != 1:
             raise self.untraceable(
                 network, TypeError(f"eager mode wraps a single tensor input, got {len(example_inputs)} inputs")
             )
         groups = find_modules_to_fuse(network) if modules_to_fuse is None else [list(g) for g in modules_to_fuse]
-        wrapper = EagerQuantWrapper(network).train()
+        wrapper = EagerQuantWrapper(network).train(qat)
         if groups:
-            tq.fuse_modules_qat(wrapper, [[f"net.{n}" for n in g] for g in groups], inplace=True)
+            # QAT keeps BN as a trainable part of the fused module; PTQ folds it into the conv now.
+            fuse = tq.fuse_modules_qat if qat else tq.fuse_modules
+            fuse(wrapper, [[f"net.{n}" for n in g] for g in groups], inplace=True)
+        return wrapper
+
+    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None, **_):
+        wrapper = self._wrap_and_fuse(network, example_inputs, modules_to_fuse, qat=True)
         wrapper.qconfig = _ao.qat_qconfig(recipe)
         tq.prepare_qat(wrapper, inplace=True)
         self._check_convertible(wrapper, example_inputs, backend)
         if get_observer(recipe.observer).learnable:
             _ao.seed_lsq(wrapper, example_inputs)
         return wrapper
+
+    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None, **_):
+        wrapper = self._wrap_and_fuse(copy.deepcopy(network), example_inputs, modules_to_fuse, qat=False)
+        wrapper.qconfig = _ao.ptq_qconfig(recipe)
+        tq.prepare(wrapper, inplace=True)
+        self._check_convertible(wrapper, example_inputs, backend)
+        return wrapper
+
+    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+        qconfig = _ao.dynamic_qconfig(recipe)
+        model = copy.deepcopy(network).cpu().eval()
+        with quantized_engine(backend.engine):
+            return tq.quantize_dynamic(model, {layer: qconfig for layer in _ao.DYNAMIC_LAYERS})
 
     def _check_convertible(self, wrapper, example_inputs, backend):
         # Eager QAT runs in float, so ops without int8 kernels (``x + y``, functional calls on
@@ -128,6 +147,9 @@ class EagerMode(QuantMode):
 
     def quantizers(self, prepared):
         return _ao.quantizers(prepared)
+
+    def observers(self, prepared):
+        return _ao.observers(prepared)
 
     def set_observers_enabled(self, prepared, enabled):
         _ao.set_observers_enabled(prepared, enabled)

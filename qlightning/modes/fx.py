@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 import torch.ao.quantization as tq
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+import torch.nn.functional as F
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 from qlightning.backends import Backend
 from qlightning.modes import _ao
@@ -15,32 +16,56 @@ from qlightning.quantized_engine import quantized_engine
 from qlightning.spec import QuantRecipe
 
 
-def qat_qconfig_mapping(recipe: QuantRecipe, engine: str) -> tq.QConfigMapping:
+_FIXED_QPARAMS = (tq.FixedQParamsFakeQuantize, tq.FixedQParamsObserver)
+
+
+def qconfig_mapping(qconfig: tq.QConfig, engine: str, qat: bool) -> tq.QConfigMapping:
     """Our QConfig everywhere, except ops with fixed output ranges (sigmoid, tanh, softmax...),
-    which keep PyTorch's fixed-qparams fake quantizers: their range is known, not observed."""
-    defaults = tq.get_default_qat_qconfig_mapping(engine)
-    mapping = tq.QConfigMapping().set_global(_ao.qat_qconfig(recipe))
-    for op, qconfig in defaults.object_type_qconfigs.items():
-        if qconfig is not None and isinstance(qconfig.activation(), tq.FixedQParamsFakeQuantize):
-            mapping.set_object_type(op, qconfig)
+    which keep PyTorch's fixed-qparams quantizers: their range is known, not observed."""
+    defaults = tq.get_default_qat_qconfig_mapping(engine) if qat else tq.get_default_qconfig_mapping(engine)
+    mapping = tq.QConfigMapping().set_global(qconfig)
+    for op, default in defaults.object_type_qconfigs.items():
+        if default is not None and isinstance(default.activation(), _FIXED_QPARAMS):
+            mapping.set_object_type(op, default)
+    return mapping
+
+
+def dynamic_qconfig_mapping(recipe: QuantRecipe) -> tq.QConfigMapping:
+    qconfig = _ao.dynamic_qconfig(recipe)
+    mapping = tq.QConfigMapping()
+    for layer in (*_ao.DYNAMIC_LAYERS, F.linear):
+        mapping.set_object_type(layer, qconfig)
     return mapping
 
 
 class FxMode(QuantMode):
     name = "fx"
 
-    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
-        mapping = qat_qconfig_mapping(recipe, backend.engine)
-        backend_config = backend.fx_backend_config()
+    def _prepare(self, prepare_fn, network, mapping, example_inputs, backend):
         try:
-            prepared = prepare_qat_fx(network.train(), mapping, example_inputs, backend_config=backend_config)
+            prepared = prepare_fn(network, mapping, example_inputs, backend_config=backend.fx_backend_config())
         except Exception as exc:  # noqa: BLE001 - symbolic tracing raises many exception types
             raise self.untraceable(network, exc) from exc
         # Kept for convert: FX needs the same mapping and backend config on both sides.
         prepared.meta["qlightning_qconfig_mapping"] = mapping
+        return prepared
+
+    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+        mapping = qconfig_mapping(_ao.qat_qconfig(recipe), backend.engine, qat=True)
+        prepared = self._prepare(prepare_qat_fx, network.train(), mapping, example_inputs, backend)
         if get_observer(recipe.observer).learnable:
             _ao.seed_lsq(prepared, example_inputs)
         return prepared
+
+    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+        mapping = qconfig_mapping(_ao.ptq_qconfig(recipe), backend.engine, qat=False)
+        return self._prepare(prepare_fx, copy.deepcopy(network).eval(), mapping, example_inputs, backend)
+
+    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+        model = copy.deepcopy(network).cpu().eval()
+        example_inputs = tuple(x.cpu() if hasattr(x, "cpu") else x for x in example_inputs)
+        prepared = self._prepare(prepare_fx, model, dynamic_qconfig_mapping(recipe), example_inputs, backend)
+        return self.convert(prepared, backend)
 
     def convert(self, prepared, backend):
         model = copy.deepcopy(prepared).cpu().eval()
@@ -53,6 +78,9 @@ class FxMode(QuantMode):
 
     def quantizers(self, prepared):
         return _ao.quantizers(prepared)
+
+    def observers(self, prepared):
+        return _ao.observers(prepared)
 
     def set_observers_enabled(self, prepared, enabled):
         _ao.set_observers_enabled(prepared, enabled)

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from torchao.quantization import pt2e as ao_pt2e
 from torchao.quantization.pt2e import observer as ao_observer
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
 from qlightning.backends import Backend
 from qlightning.modes.base import QuantMode, batch_of_two
+from qlightning.modes.pt2e_dynamic import DynamicLinearRnnQuantizer, dynamic_activation_spec, observer_spec
 from qlightning.observers import get_observer
 from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn
 from qlightning.spec import QuantRecipe, TensorQuantSpec
@@ -75,7 +76,12 @@ class ExportedNetwork(nn.Module):
 
 
 
-def quantization_spec(spec: TensorQuantSpec, observer_name: str, learnable: bool) -> QuantizationSpec:
+def quantization_spec(
+    spec: TensorQuantSpec, observer_name: str, learnable: bool, qat: bool = True
+) -> QuantizationSpec:
+    if not qat:
+        # Static PTQ: plain observers, calibrated then converted; nothing is fake-quantized.
+        return observer_spec(spec, observer_name)
     observer = getattr(ao_observer, observer_name)
     if learnable:
         ctor = ao_pt2e.LearnableFakeQuantize.with_args(observer=observer, use_grad_scaling=True, eps=spec.eps)
@@ -94,12 +100,12 @@ def quantization_spec(spec: TensorQuantSpec, observer_name: str, learnable: bool
     )
 
 
-def qat_quantization_config(recipe: QuantRecipe) -> QuantizationConfig:
+def quantization_config(recipe: QuantRecipe, qat: bool) -> QuantizationConfig:
     choice = get_observer(recipe.observer)
     weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
-    activation = quantization_spec(recipe.activation, choice.activation_observer, choice.learnable)
-    weight = quantization_spec(recipe.weight, weight_observer, choice.learnable)
-    return QuantizationConfig(activation, activation, weight, None, is_qat=True)
+    activation = quantization_spec(recipe.activation, choice.activation_observer, choice.learnable, qat)
+    weight = quantization_spec(recipe.weight, weight_observer, choice.learnable, qat)
+    return QuantizationConfig(activation, activation, weight, None, is_qat=qat)
 
 
 def export_network(network: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
@@ -132,13 +138,15 @@ def _fake_quantizers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 class Pt2eMode(QuantMode):
     name = "pt2e"
 
-    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
-        quantizer = backend.pt2e_quantizer(qat_quantization_config(recipe))
+    def _export(self, network, example_inputs) -> torch.fx.GraphModule:
         try:
-            exported = export_network(network.train(), example_inputs)
+            return export_network(network, example_inputs)
         except Exception as exc:  # noqa: BLE001 - torch.export raises many exception types
             raise self.untraceable(network, exc) from exc
-        prepared = ExportedNetwork(prepare_qat_pt2e(exported, quantizer))
+
+    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+        quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=True))
+        prepared = ExportedNetwork(prepare_qat_pt2e(self._export(network.train(), example_inputs), quantizer))
         if get_observer(recipe.observer).learnable:
             # LearnableFakeQuantize creates its scale parameters on first use: do it now, in eval
             # (BN statistics untouched), so the optimizer made after setup sees and trains them.
@@ -150,8 +158,37 @@ class Pt2eMode(QuantMode):
                     fq.enable_range_learning()
         return prepared
 
+    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+        quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=False))
+        was_training = network.training
+        exported = self._export(network.eval(), example_inputs)
+        network.train(was_training)
+        # prepare_pt2e folds BatchNorm into the preceding conv/linear before observing.
+        return ExportedNetwork(prepare_pt2e(exported, quantizer), inference_only=True)
+
+    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+        choice = get_observer(recipe.observer)
+        weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
+        quantizer = DynamicLinearRnnQuantizer(
+            dynamic_activation_spec(recipe.activation), observer_spec(recipe.weight, weight_observer)
+        )
+        was_training = network.training
+        exported = self._export(network.eval(), example_inputs)
+        network.train(was_training)
+        observed = prepare_pt2e(exported, quantizer)
+        # Weight observers only need the (constant) weights; one pass over the example records them.
+        with torch.no_grad():
+            observed(*batch_of_two(example_inputs))
+        # Converted without the usual defensive copy: a deep copy leaves the annotations pointing
+        # at the old graph's nodes, and convert_pt2e then cannot find a dynamic input's
+        # choose_qparams node. ``observed`` is ours alone, so nothing else sees it change.
+        return self._convert_in_place(observed.cpu())
+
     def convert(self, prepared: ExportedNetwork, backend):
-        graph = copy.deepcopy(prepared.graph_module).cpu()
+        return self._convert_in_place(copy.deepcopy(prepared.graph_module).cpu())
+
+    @staticmethod
+    def _convert_in_place(graph: torch.fx.GraphModule) -> ExportedNetwork:
         set_exported_training(graph, batchnorm=False, dropout=False)
         fold_qat_conv_bn(graph)
         converted = convert_pt2e(graph)
@@ -160,6 +197,9 @@ class Pt2eMode(QuantMode):
 
     def quantizers(self, prepared):
         return _fake_quantizers(prepared)
+
+    def observers(self, prepared):
+        return [(n, m) for n, m in prepared.named_modules() if isinstance(m, ao_observer.ObserverBase)]
 
     def set_observers_enabled(self, prepared, enabled):
         for _, fq in _fake_quantizers(prepared):

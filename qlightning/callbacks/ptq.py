@@ -1,0 +1,253 @@
+"""``PostTrainingQuantization``: int8 from a trained float network, by calibration or dynamically."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from qlightning.callbacks.config import build_recipe, check_modules_to_fuse
+from qlightning.callbacks.target import resolve_example_inputs, resolve_network
+from qlightning.errors import QuantizationConfigError
+from qlightning.modes.registry import get_mode
+from qlightning.observers import available_observers, get_observer
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RNN = (nn.RNNBase, nn.RNNCellBase)
+_DYNAMIC = (nn.Linear, *_RNN)
+
+
+def first_element_inputs(batch) -> tuple:
+    """Model inputs of a batch: the batch itself if it is a tensor, else its first element
+    (the ``(x, y)`` convention of supervised datasets)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)
+    raise QuantizationConfigError(
+        f"cannot tell the model inputs in a batch of type {type(batch).__name__}; pass "
+        "batch_to_inputs=<callable returning a tuple of forward() arguments> to PostTrainingQuantization"
+    )
+
+
+@contextlib.contextmanager
+def _normal_tensors():
+    """No autograd, but not inference mode: Lightning validates under ``torch.inference_mode``, whose
+    tensors cannot be updated in place later, and observers and the int8 model must stay usable
+    (further calibration, export) outside it."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+class PostTrainingQuantization(Callback):
+    """Post-training quantization in ``eager``, ``fx`` or ``pt2e`` mode.
+
+    Static (default): observers are inserted into a copy of the trained network, which then sees
+    ``calibration_batches`` batches, and is converted to int8. The batches are either
+
+    * the train loader's, when ``trainer.fit`` ends (train float, then quantize), or
+    * the batches of ``trainer.validate(...)``, so a trained checkpoint is quantized without training
+      (``trainer.validate(model, datamodule, ckpt_path=...)``).
+
+    Dynamic (``dynamic=True``): Linear / LSTM / GRU weights become int8 and their input activations
+    are quantized at run time; no calibration. Done at the end of ``fit`` or ``validate``.
+
+    The LightningModule keeps its float network; the int8 copy is :attr:`quantized_model`.
+
+    Args:
+        mode, backend, observer, module, example_inputs, weight_scheme, activation_scheme,
+            modules_to_fuse: as for :class:`~qlightning.QuantizationAwareTraining` (``observer`` must
+            be one that calibrates: not ``"lsq"``, which learns its qparams by training).
+        dynamic: dynamic instead of static quantization.
+        calibration_batches: number of batches to calibrate static quantization on.
+        batch_to_inputs: turns a batch into the network's positional inputs; default: the batch if
+            it is a tensor, else its first element.
+    """
+
+    def __init__(
+        self,
+        mode: str = "pt2e",
+        backend: str = "x86",
+        observer: str = "histogram",
+        dynamic: bool = False,
+        calibration_batches: int = 32,
+        *,
+        module: str | None = None,
+        example_inputs: Any = None,
+        weight_scheme: str = "per_channel_symmetric",
+        activation_scheme: str = "per_tensor_affine",
+        modules_to_fuse: Sequence[Sequence[str]] | None = None,
+        batch_to_inputs: Callable[[Any], tuple] | None = None,
+    ):
+        self.backend, self.recipe = build_recipe(mode, backend, observer, weight_scheme, activation_scheme)
+        if get_observer(observer).learnable:
+            calibrating = [o for o in available_observers() if not get_observer(o).learnable]
+            raise QuantizationConfigError(
+                f"observer {observer!r} learns its qparams by gradient descent, which needs training: use "
+                f"QuantizationAwareTraining, or one of the calibrating observers {calibrating} for PTQ"
+            )
+        if not isinstance(dynamic, bool):
+            raise QuantizationConfigError(f"dynamic must be True or False, got {dynamic!r}")
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise QuantizationConfigError(
+                f"calibration_batches must be an integer >= 1, got {calibration_batches!r}"
+            )
+        check_modules_to_fuse(mode, modules_to_fuse)
+        if batch_to_inputs is not None and not callable(batch_to_inputs):
+            raise QuantizationConfigError(f"batch_to_inputs must be callable, got {type(batch_to_inputs).__name__}")
+        self.mode, self.observer, self.dynamic = mode, observer, dynamic
+        self.calibration_batches = calibration_batches
+        self.module = module
+        self.example_inputs = example_inputs
+        self.modules_to_fuse = modules_to_fuse
+        self.batch_to_inputs = batch_to_inputs or first_element_inputs
+
+        self.quantized_model: nn.Module | None = None
+        # Batches the observers saw in the last calibration.
+        self.calibrated_batches = 0
+        self._impl = None
+        self._attr: str | None = None
+        self._example: tuple | None = None
+        self._observed: nn.Module | None = None
+        self._quantized_this_run = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, backend=self.backend.name, dynamic=self.dynamic)
+
+    # -- setup: every check that can be made before training or validation starts -----------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        self._quantized_this_run = False
+        self._attr = resolve_network(pl_module, self.module)
+        self._example = resolve_example_inputs(pl_module, self.example_inputs)
+        self._impl = get_mode(self.mode)
+        network = getattr(pl_module, self._attr)
+        self._check_layers(network)
+        if stage == "fit":
+            # Quantization happens after training: find out now if the network cannot be captured
+            # (or, in eager mode, run in int8), rather than after the last epoch.
+            self._quantize_without_data(network) if self.dynamic else self._prepare(network)
+
+    def _check_layers(self, network: nn.Module) -> None:
+        # The guide's "choosing a quantization mode": advice, not a refusal.
+        layers = list(network.modules())
+        name = type(network).__name__
+        if self.dynamic:
+            if not any(isinstance(m, _DYNAMIC) for m in layers):
+                raise QuantizationConfigError(
+                    f"dynamic quantization has nothing to quantize in {name}: it applies to Linear, LSTM, GRU "
+                    "and RNN layers only; use static quantization (dynamic=False) for this network"
+                )
+            if any(isinstance(m, _CONV) for m in layers):
+                rank_zero_warn(
+                    f"{name} has convolutions, which dynamic quantization leaves in float (there are no dynamic "
+                    "int8 convolution kernels); static quantization (dynamic=False) is recommended for "
+                    "convolutional networks"
+                )
+        elif any(isinstance(m, _RNN) for m in layers):
+            rank_zero_warn(
+                f"{name} has recurrent layers (LSTM/GRU/RNN), which have no static int8 kernels and stay float "
+                "in static quantization; dynamic quantization (dynamic=True) is recommended for recurrent networks"
+            )
+
+    def _prepare(self, network: nn.Module) -> nn.Module:
+        with _normal_tensors():
+            return self._impl.prepare_ptq(
+                network, self._example, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse
+            )
+
+    def _quantize_without_data(self, network: nn.Module) -> nn.Module:
+        with _normal_tensors():
+            return self._impl.quantize_dynamic(network, self._example, self.recipe, self.backend)
+
+    # -- fit route: calibrate on the train loader when training ends ------------------------------
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        network = getattr(pl_module, self._attr)
+        if self.dynamic:
+            self._finish(self._quantize_without_data(network))
+            return
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise QuantizationConfigError("static PTQ at the end of fit needs the train dataloader, and there is none")
+        if not isinstance(loader, Iterable) or isinstance(loader, (dict, list, tuple)):
+            raise QuantizationConfigError(
+                f"static PTQ calibrates on a single train dataloader, got {type(loader).__name__}; "
+                "calibrate with trainer.validate(...) instead"
+            )
+        self._observed = self._prepare(network)
+        self.calibrated_batches = 0
+        for batch in loader:
+            if self.calibrated_batches >= self.calibration_batches:
+                break
+            self._calibrate(trainer.strategy.batch_to_device(batch))
+        self._convert()
+
+    # -- validate route: calibrate on the batches of trainer.validate ------------------------------
+    @staticmethod
+    def _validating(trainer: Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.VALIDATING
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here, not in setup: the checkpoint passed to validate(ckpt_path=...) is loaded by now.
+        if self._validating(trainer) and not self.dynamic:
+            self._observed = self._prepare(getattr(pl_module, self._attr))
+            self.calibrated_batches = 0
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning skips the whole validation loop, hooks included, when it has no batch to run.
+        if stage == "validate" and not self._quantized_this_run:
+            raise QuantizationConfigError(
+                "PostTrainingQuantization quantized nothing: trainer.validate ran no batch (empty dataloader or "
+                "limit_val_batches=0), so there was no "
+                + ("validation run to quantize at" if self.dynamic else "calibration data")
+            )
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._observed is not None and self.calibrated_batches < self.calibration_batches:
+            self._calibrate(batch)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._validating(trainer):
+            return
+        if self.dynamic:
+            self._finish(self._quantize_without_data(getattr(pl_module, self._attr)))
+        else:
+            self._convert()
+
+    # -- shared -------------------------------------------------------------------------------------
+    def _calibrate(self, batch) -> None:
+        inputs = self.batch_to_inputs(batch)
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        with _normal_tensors():
+            self._observed(*inputs)
+        self.calibrated_batches += 1
+
+    def _convert(self) -> None:
+        observed, self._observed = self._observed, None
+        if self.calibrated_batches == 0:
+            raise QuantizationConfigError(
+                "static PTQ saw no calibration batch (the dataloader was empty): observers have no ranges to "
+                "convert from"
+            )
+        if self.calibrated_batches < self.calibration_batches:
+            rank_zero_warn(
+                f"calibrated on {self.calibrated_batches} batches, fewer than calibration_batches="
+                f"{self.calibration_batches}: the dataloader ran out"
+            )
+        with _normal_tensors():
+            self._finish(self._impl.convert(observed, self.backend))
+
+    def _finish(self, quantized: nn.Module) -> None:
+        self.quantized_model = quantized
+        self._quantized_this_run = True
+        how = "dynamic" if self.dynamic else f"static, calibrated on {self.calibrated_batches} batches"
+        rank_zero_info(
+            f"qlightning: post-training quantized `{self._attr}` (mode={self.mode}, backend={self.backend.name}, {how})"
+        )
