@@ -1,7 +1,9 @@
-"""The default job, as a plain function of a Hydra/OmegaConf config (``scripts/train.py`` is its shim)."""
+"""The jobs, as plain functions of a Hydra/OmegaConf config (``scripts/train.py`` and
+``scripts/quantize.py`` are their shims)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -14,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from qlightning.callbacks import PostTrainingQuantization
 from qlightning.errors import QuantizationConfigError
 from qlightning.models import accuracy
 from qlightning.quantized_engine import quantized_engine
@@ -59,43 +62,83 @@ def _write_json_atomically(path: Path, data: dict) -> None:
 
 
 def train(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Float baseline, then QAT from it, then int8; returns (and writes) the summary."""
+    """Float baseline, then QAT from it (or PTQ of it), then int8; returns (and writes) the summary."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = _build(cfg.data, drop=_DATA_INFO_KEYS)
     datamodule.setup("fit")
     model = _build(cfg.model)
-    qat = _build(cfg.quant, drop=_QUANT_RUN_KEYS)  # bad quant choices fail here, before any training
+    quant = _build(cfg.quant, drop=_QUANT_RUN_KEYS)  # bad quant choices fail here, before any training
+
+    if isinstance(quant, PostTrainingQuantization):
+        # Train float, then the callback calibrates on the train loader and converts at fit end.
+        L.Trainer(**_trainer_args(cfg, cfg.float_epochs), callbacks=[quant]).fit(model, datamodule)
+        return _summarize(model, quant, datamodule, output_dir, fake_quant_model=None)
 
     L.Trainer(**_trainer_args(cfg, cfg.float_epochs)).fit(model, datamodule)
-    val = datamodule.val_dataloader()
-    float_acc = accuracy(model, val)
-    example = next(iter(val))[0][:1]
-    float_latency = _latency_ms(model.net, example)
-    float_size = _state_size_bytes(model.net)
-
+    float_model = copy.deepcopy(model)
     model.hparams.lr = cfg.qat_lr
-    L.Trainer(**_trainer_args(cfg, cfg.quant.epochs), callbacks=[qat]).fit(model, datamodule)
-    fake_quant_acc = accuracy(model, val)
-    with quantized_engine(qat.backend.engine):
-        int8 = qat.quantized_model
+    L.Trainer(**_trainer_args(cfg, cfg.quant.epochs), callbacks=[quant]).fit(model, datamodule)
+    return _summarize(float_model, quant, datamodule, output_dir, fake_quant_model=model)
+
+
+def quantize(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """Post-training quantization of a trained checkpoint, without training: calibrate on training
+    batches through ``trainer.validate``, convert, evaluate on the validation set."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = Path(cfg.ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is not a file; pass the checkpoint to quantize")
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = _build(cfg.data, drop=_DATA_INFO_KEYS)
+    datamodule.setup("fit")
+    model = _build(cfg.model)
+    ptq = _build(cfg.quant, drop=_QUANT_RUN_KEYS)
+    if not isinstance(ptq, PostTrainingQuantization):
+        raise QuantizationConfigError(
+            f"quantizing a checkpoint needs a post-training config (quant=ptq_static or quant=ptq_dynamic), got "
+            f"{type(ptq).__name__}; QAT needs training: use scripts/train.py"
+        )
+    trainer = L.Trainer(**_trainer_args(cfg, epochs=0), callbacks=[ptq])
+    # Calibration data comes from the train split, so the accuracy below is measured on unseen data.
+    trainer.validate(model, dataloaders=datamodule.train_dataloader(), ckpt_path=str(ckpt_path), verbose=False)
+    return _summarize(model, ptq, datamodule, output_dir, fake_quant_model=None, ckpt_path=str(ckpt_path))
+
+
+def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_model, **extra) -> dict:
+    val = datamodule.val_dataloader()
+    example = next(iter(val))[0][:1]
+    float_net = getattr(float_model, callback.network_name)
+    ptq = isinstance(callback, PostTrainingQuantization)
+    with quantized_engine(callback.backend.engine):
+        int8 = callback.quantized_model
         int8_acc = accuracy(int8, val)
         int8_latency = _latency_ms(int8, example)
         with torch.no_grad():
-            agreement = _top1_agreement(model, int8, val)
+            agreement = _top1_agreement(float_model if ptq else fake_quant_model, int8, val)
+    runtime = "PT2E Q/DQ graph" if callback.mode == "pt2e" else f"{callback.backend.engine} int8 kernels"
+    if ptq:
+        method = "ptq_dynamic" if callback.dynamic else f"ptq_static ({callback.calibrated_batches} batches)"
+    else:
+        method = "qat"
     summary = {
-        "mode": qat.mode,
-        "backend": qat.backend.name,
-        "observer": qat.observer,
-        "float_acc": round(float_acc, 2),
-        "fake_quant_acc": round(fake_quant_acc, 2),
+        **extra,
+        "method": method,
+        "mode": callback.mode,
+        "backend": callback.backend.name,
+        "observer": callback.observer,
+        "float_acc": round(accuracy(float_model, val), 2),
+        # PTQ has no fake-quantized training model; its int8 model is compared with the float one.
+        "fake_quant_acc": None if fake_quant_model is None else round(accuracy(fake_quant_model, val), 2),
         "int8_acc": round(int8_acc, 2),
-        "int8_runtime": f"torch {torch.__version__} ({'PT2E Q/DQ graph' if qat.mode == 'pt2e' else qat.backend.engine + ' int8 kernels'})",
+        "int8_runtime": f"torch {torch.__version__} ({runtime})",
         "top1_agreement": round(agreement, 4),
-        "float_size_bytes": float_size,
+        "agreement_reference": "float" if ptq else "fake_quant",
+        "float_size_bytes": _state_size_bytes(float_net),
         "int8_size_bytes": _state_size_bytes(int8),
-        "float_latency_ms": round(float_latency, 3),
+        "float_latency_ms": round(_latency_ms(float_net.eval(), example), 3),
         "int8_latency_ms": round(int8_latency, 3),
     }
     _write_json_atomically(output_dir / "summary.json", summary)

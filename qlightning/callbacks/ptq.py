@@ -117,6 +117,11 @@ class PostTrainingQuantization(Callback):
         self._quantized_this_run = False
 
     @property
+    def network_name(self) -> str | None:
+        """The LightningModule attribute holding the network this callback quantizes (after setup)."""
+        return self._attr
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode, backend=self.backend.name, dynamic=self.dynamic)
 

@@ -95,6 +95,11 @@ class QuantizationAwareTraining(Callback):
 
     # -- lifecycle --------------------------------------------------------------------------------
     @property
+    def network_name(self) -> str | None:
+        """The LightningModule attribute holding the network this callback quantizes (after setup)."""
+        return self._attr
+
+    @property
     def prepared_network(self) -> nn.Module | None:
         """The fake-quantized network being trained (``None`` before setup)."""
         return self._prepared

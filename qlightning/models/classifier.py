@@ -16,6 +16,8 @@ class ImageClassifier(L.LightningModule):
     def __init__(self, net: nn.Module, num_classes: int = 10, input_shape=(1, 8, 8), lr: float = 3e-3,
                  weight_decay: float = 0.0):
         super().__init__()
+        # A plain tuple, not an OmegaConf ListConfig: checkpoints must load with weights_only=True.
+        input_shape = tuple(int(d) for d in input_shape)
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.example_input_array = torch.rand(2, *input_shape)
