@@ -307,3 +307,12 @@ def test_batches_without_a_leading_tensor_need_batch_to_inputs(trained_cnn, digi
     callback = PostTrainingQuantization("fx", "x86", "minmax", batch_to_inputs=lambda b: (b["image"],))
     _validate(callback, dict_model, loader)
     assert callback.calibrated_batches == 2
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+@pytest.mark.parametrize("mode", MODES)
+def test_other_backends_quantize_static_and_dynamic(mode, backend, trained_cnn, trained_lstm, digits):
+    for (model, float_acc), dynamic, tolerance in ((trained_cnn, False, 1.5), (trained_lstm, True, 2.0)):
+        callback = PostTrainingQuantization(mode, backend, "minmax", dynamic=dynamic, calibration_batches=8)
+        _validate(callback, model, digits.train_dataloader())
+        assert _int8_accuracy(callback, digits) >= float_acc - tolerance, (mode, backend, dynamic)
