@@ -51,6 +51,20 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def fx_backend_config(module: str, function: str) -> Callable[[], Any]:
+    """A factory for one of torch.ao's FX BackendConfigs, imported only when called."""
+
+    def build():
+        import importlib
+
+        # BackendConfig.set_backend_pattern_config needs this submodule loaded, and nothing in
+        # ``torch.ao.quantization.backend_config`` imports it.
+        importlib.import_module("torch.ao.quantization.backend_config.utils")
+        return getattr(importlib.import_module(module), function)()
+
+    return build
+
+
 def x86_inductor_quantizer(config):
     """The torchao PT2E quantizer for x86 CPUs, configured with our specs."""
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer

@@ -53,3 +53,8 @@ def check_modules_to_fuse(mode: str, modules_to_fuse) -> None:
         raise QuantizationConfigError(
             f"modules_to_fuse applies to mode='eager' only; mode={mode!r} fuses from its BackendConfig/Quantizer"
         )
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise QuantizationConfigError(f"{name} must be True or False, got {value!r}")

@@ -11,7 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from qlightning.callbacks.config import build_recipe, check_modules_to_fuse
+from qlightning.callbacks.config import build_recipe, check_flag, check_modules_to_fuse
 from qlightning.callbacks.target import resolve_example_inputs, resolve_network
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
@@ -67,6 +67,8 @@ class PostTrainingQuantization(Callback):
         calibration_batches: number of batches to calibrate static quantization on.
         batch_to_inputs: turns a batch into the network's positional inputs; default: the batch if
             it is a tensor, else its first element.
+        merge_relu: after calibration, merge ReLU/clamp into the following quantizer's qparams
+            (FX, PT2E; BatchNorm is already folded when PTQ inserts its observers).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class PostTrainingQuantization(Callback):
         activation_scheme: str = "per_tensor_affine",
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         batch_to_inputs: Callable[[Any], tuple] | None = None,
+        merge_relu: bool = True,
     ):
         self.backend, self.recipe = build_recipe(mode, backend, observer, weight_scheme, activation_scheme)
         if get_observer(observer).learnable:
@@ -98,6 +101,8 @@ class PostTrainingQuantization(Callback):
                 f"calibration_batches must be an integer >= 1, got {calibration_batches!r}"
             )
         check_modules_to_fuse(mode, modules_to_fuse)
+        check_flag("merge_relu", merge_relu)
+        self.merge_relu = merge_relu
         if batch_to_inputs is not None and not callable(batch_to_inputs):
             raise QuantizationConfigError(f"batch_to_inputs must be callable, got {type(batch_to_inputs).__name__}")
         self.mode, self.observer, self.dynamic = mode, observer, dynamic
@@ -108,6 +113,9 @@ class PostTrainingQuantization(Callback):
         self.batch_to_inputs = batch_to_inputs or first_element_inputs
 
         self.quantized_model: nn.Module | None = None
+        # The calibrated network after the passes (clamps merged), observers frozen: what exporters
+        # start from (static PTQ only).
+        self.finalized_network: nn.Module | None = None
         # Batches the observers saw in the last calibration.
         self.calibrated_batches = 0
         self._impl = None
@@ -247,7 +255,10 @@ class PostTrainingQuantization(Callback):
                 f"{self.calibration_batches}: the dataloader ran out"
             )
         with _normal_tensors():
-            self._finish(self._impl.convert(observed, self.backend))
+            self.finalized_network = self._impl.finalize(
+                observed, self._example, fold_bn=False, merge_relu=self.merge_relu
+            )
+            self._finish(self._impl.convert(self.finalized_network, self.backend))
 
     def _finish(self, quantized: nn.Module) -> None:
         self.quantized_model = quantized

@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from qlightning.callbacks.config import build_recipe, check_epoch, check_modules_to_fuse
+from qlightning.callbacks.config import build_recipe, check_epoch, check_flag, check_modules_to_fuse
 from qlightning.callbacks.target import resolve_example_inputs, resolve_network
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
@@ -32,6 +32,8 @@ class QuantizationAwareTraining(Callback):
         freeze_observers_epoch: from this epoch on qparams stop changing; fake quantization stays on.
         weight_scheme / activation_scheme: override the backend's default schemes.
         modules_to_fuse: eager mode only: groups of submodule names to fuse, instead of the ones found.
+        fold_bn: at fit end, fold BatchNorm into the QAT conv/linear layers before conversion.
+        merge_relu: at fit end, merge ReLU/clamp into the following quantizer's qparams (FX, PT2E).
 
     After ``fit`` the int8 model is in :attr:`quantized_model` (a converted copy; the LightningModule
     keeps its fake-quantized network and can be trained further).
@@ -50,12 +52,17 @@ class QuantizationAwareTraining(Callback):
         weight_scheme: str = "per_channel_symmetric",
         activation_scheme: str = "per_tensor_affine",
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
+        fold_bn: bool = True,
+        merge_relu: bool = True,
     ):
         self.backend, self.recipe = build_recipe(mode, backend, observer, weight_scheme, activation_scheme)
         self.mode, self.observer = mode, observer
         check_epoch("freeze_bn_epoch", freeze_bn_epoch)
         check_epoch("freeze_observers_epoch", freeze_observers_epoch)
         check_modules_to_fuse(mode, modules_to_fuse)
+        check_flag("fold_bn", fold_bn)
+        check_flag("merge_relu", merge_relu)
+        self.fold_bn, self.merge_relu = fold_bn, merge_relu
         self.weight_scheme, self.activation_scheme = weight_scheme, activation_scheme
         self.module = module
         self.example_inputs = example_inputs
@@ -64,6 +71,10 @@ class QuantizationAwareTraining(Callback):
         self.modules_to_fuse = modules_to_fuse
 
         self.quantized_model: nn.Module | None = None
+        # The trained network after the fit-end passes (BN folded, clamps merged), fake-quantized:
+        # what exporters start from.
+        self.finalized_network: nn.Module | None = None
+        self._example: tuple | None = None
         self.observers_frozen = False
         self.bn_frozen = False
         self._impl = None
@@ -111,6 +122,7 @@ class QuantizationAwareTraining(Callback):
             return  # fit called again: keep training the prepared network
         self._attr = resolve_network(pl_module, self.module)
         example_inputs = resolve_example_inputs(pl_module, self.example_inputs)
+        self._example = example_inputs
         self._impl = get_mode(self.mode)
         network = getattr(pl_module, self._attr)
         prepared = self._impl.prepare_qat(
@@ -179,7 +191,10 @@ class QuantizationAwareTraining(Callback):
         # Teardown has already moved the module to CPU; convert works on a CPU copy either way.
         if self._prepared is None:
             return
-        self.quantized_model = self._impl.convert(self._prepared, self.backend)
+        self.finalized_network = self._impl.finalize(
+            self._prepared, self._example, fold_bn=self.fold_bn, merge_relu=self.merge_relu
+        )
+        self.quantized_model = self._impl.convert(self.finalized_network, self.backend)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import re
 import traceback
 from abc import ABC, abstractmethod
@@ -12,6 +14,8 @@ from torch import nn
 from qlightning.backends import Backend
 from qlightning.errors import UntraceableModelError
 from qlightning.spec import QuantRecipe
+
+log = logging.getLogger(__name__)
 
 _OTHER_MODES_HINT = {
     "eager": "mode='fx' or mode='pt2e', which place quant/dequant around every op themselves",
@@ -69,6 +73,34 @@ class QuantMode(ABC):
     @abstractmethod
     def bn_modules_or_nodes(self, prepared: nn.Module) -> list:
         """The BatchNorms of the prepared network (for tests and monitoring)."""
+
+    # -- fit-end post-processing -------------------------------------------------------------------
+    def finalize(self, prepared: nn.Module, example_inputs: tuple, *, fold_bn: bool = True,
+                 merge_relu: bool = True) -> nn.Module:
+        """A copy of a trained/calibrated network, observers frozen, with the deployment passes
+        applied: BatchNorm folded and ReLU/clamp merged into qparams. Exporters and ``convert``
+        start from it; ``prepared`` itself stays trainable."""
+        model = copy.deepcopy(prepared).cpu().eval()
+        self.set_observers_enabled(model, False)
+        example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in batch_of_two(example_inputs))
+        if fold_bn:
+            self.fold_bn(model, example_inputs)
+        if merge_relu:
+            graph = self.graph_of(model)
+            if graph is None:
+                log.info("merge_relu: mode=%s has no graph to rewrite (eager fuses conv/linear-relu itself)", self.name)
+            else:
+                from qlightning.passes.merge_clamp import merge_relu_clamp
+
+                merge_relu_clamp(graph, example_inputs)
+        return model
+
+    def fold_bn(self, model: nn.Module, example_inputs: tuple) -> None:
+        """Fold the QAT BatchNorms of ``model`` in place (used by :meth:`finalize`)."""
+
+    def graph_of(self, model: nn.Module):
+        """The ``torch.fx.GraphModule`` holding the quantizers, or ``None`` (eager)."""
+        return None
 
     def untraceable(self, network: nn.Module, exc: BaseException) -> UntraceableModelError:
         """Wrap a capture failure in an error naming the mode, the failing op and another mode."""

@@ -145,6 +145,11 @@ class EagerMode(QuantMode):
         with quantized_engine(backend.engine):
             return tq.convert(model, inplace=True)
 
+    def fold_bn(self, model, example_inputs):
+        from qlightning.passes.fold_bn import fold_bn
+
+        fold_bn(model, example_inputs, keep_weight_fake_quant=True)
+
     def quantizers(self, prepared):
         return _ao.quantizers(prepared)
 

@@ -76,6 +76,14 @@ class FxMode(QuantMode):
                 backend_config=backend.fx_backend_config(),
             )
 
+    def fold_bn(self, model, example_inputs):
+        from qlightning.passes.fold_bn import fold_bn
+
+        fold_bn(model, example_inputs, keep_weight_fake_quant=True)
+
+    def graph_of(self, model):
+        return model
+
     def quantizers(self, prepared):
         return _ao.quantizers(prepared)
 

@@ -195,6 +195,12 @@ class Pt2eMode(QuantMode):
         _drop_unreferenced_tensors(converted)
         return ExportedNetwork(converted, inference_only=True)
 
+    def fold_bn(self, model: ExportedNetwork, example_inputs):
+        fold_qat_conv_bn(model.graph_module)
+
+    def graph_of(self, model: ExportedNetwork):
+        return model.graph_module
+
     def quantizers(self, prepared):
         return _fake_quantizers(prepared)
 

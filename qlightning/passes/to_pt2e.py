@@ -22,16 +22,13 @@ import logging
 import torch
 import torch.ao.quantization as tq
 from torch import nn
-from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
-from torchao.quantization.pt2e.observer import ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 
+from qlightning.passes.exact_qparams import exact_observer
 from qlightning.passes.fold_bn import fold_bn
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.uint8: torch.uint8, torch.int8: torch.int8}
 
 
 @torch.library.custom_op("qlightning::quant_marker", mutates_args=())
@@ -52,61 +49,6 @@ class _Marker(nn.Module):
 
     def forward(self, x):
         return quant_marker(x, self.index)
-
-
-class ExactQParamsObserver(ObserverBase):
-    """A torchao observer that observes nothing: it fake-quantizes with, and returns, the qparams it
-    was built with, so the program behaves like the trained fake-quantized model before and after
-    ``convert_pt2e``."""
-
-    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype, quant_min: int,
-                 quant_max: int, qscheme: torch.qscheme, ch_axis: int = 0):
-        super().__init__(dtype=dtype)
-        self.register_buffer("scale", scale.detach().clone().float())
-        self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int64))
-        self.quant_min, self.quant_max, self.qscheme, self.ch_axis = quant_min, quant_max, qscheme, ch_axis
-
-    def forward(self, x):
-        if self.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine):
-            return torch.fake_quantize_per_channel_affine(
-                x, self.scale, self.zero_point.int(), self.ch_axis, self.quant_min, self.quant_max
-            )
-        return torch.fake_quantize_per_tensor_affine(
-            x, self.scale, self.zero_point.int(), self.quant_min, self.quant_max
-        )
-
-    def calculate_qparams(self):
-        return self.scale, self.zero_point
-
-    def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, qscheme={self.qscheme}, range=[{self.quant_min}, {self.quant_max}]"
-
-
-def exact_observer(quantizer: nn.Module) -> ExactQParamsObserver:
-    """The trained qparams of a torch.ao fake-quantize or observer module, frozen."""
-    if isinstance(quantizer, _LearnableFakeQuantize):
-        scale, zero_point = quantizer.calculate_qparams()
-    elif isinstance(quantizer, tq.FakeQuantizeBase):
-        # The buffers are what forward() used: with frozen observers they may differ from what the
-        # observer would compute now.
-        scale, zero_point = quantizer.scale, quantizer.zero_point
-    else:
-        scale, zero_point = quantizer.calculate_qparams()
-    qscheme = quantizer.qscheme
-    if qscheme == torch.per_channel_affine_float_qparams:
-        raise ValueError("per_channel_affine_float_qparams (embedding) quantizers have no PT2E equivalent here")
-    per_channel = qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
-    if not per_channel:
-        scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    return ExactQParamsObserver(
-        scale,
-        zero_point.round(),
-        _DTYPES[quantizer.dtype],
-        int(quantizer.quant_min),
-        int(quantizer.quant_max),
-        qscheme,
-        int(getattr(quantizer, "ch_axis", 0)) if per_channel else 0,
-    )
 
 
 class _AnnotateNothing(Quantizer):

@@ -1,0 +1,129 @@
+"""What the graph passes need to know about FX and PT2E graphs: which nodes are quantizers, which
+are clamps (ReLU, ReLU6, hardtanh, clamp) and which split a tensor.
+
+FX prepared graphs and PT2E prepared graphs share one shape for quantizers: a ``call_module`` node of
+an observer or fake-quantize module. Clamps and splits differ (``torch``/``nn`` calls in FX, ``aten``
+ops in PT2E); both spellings are listed here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+aten = torch.ops.aten
+
+
+def _quantizer_classes() -> tuple[type, ...]:
+    classes: list[type] = []
+    try:  # torchao's PT2E quantizers
+        from torchao.quantization.pt2e import FakeQuantizeBase
+        from torchao.quantization.pt2e.observer import ObserverBase
+
+        classes += [FakeQuantizeBase, ObserverBase]
+    except ImportError:  # pragma: no cover - torchao is a dependency; keep FX usable without it
+        pass
+    try:  # torch.ao's eager/FX quantizers (may be removed from a future torch)
+        import torch.ao.quantization as tq
+
+        classes += [tq.FakeQuantizeBase, tq.ObserverBase]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(classes)
+
+
+_QUANTIZERS = _quantizer_classes()
+
+
+def is_quantizer(module) -> bool:
+    return isinstance(module, _QUANTIZERS)
+
+
+def quantizer_node(gm: fx.GraphModule, node) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and is_quantizer(gm.get_submodule(node.target))
+    )
+
+
+def _arg(node: fx.Node, position: int, name: str, default):
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)
+
+
+def _bounds(lo, hi) -> tuple[float, float] | None:
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+        return None  # data-dependent bounds: not a constant range
+    return (-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))
+
+
+_RELU = {F.relu, torch.relu, torch.relu_, "relu", "relu_", aten.relu.default, aten.relu_.default}
+_RELU6 = {F.relu6, aten.relu6.default}
+_HARDTANH = {F.hardtanh, F.hardtanh_, aten.hardtanh.default, aten.hardtanh_.default}
+if hasattr(torch._C._nn, "hardtanh_"):  # the builtin that F.hardtanh(inplace=True) calls
+    _HARDTANH.add(torch._C._nn.hardtanh_)
+_CLAMP = {torch.clamp, torch.clip, "clamp", "clamp_", "clip", aten.clamp.default, aten.clamp_.default}
+
+
+def clamp_range(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
+    """The constant output range of a ReLU / ReLU6 / hardtanh / clamp node, else ``None``."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module) is nn.ReLU:
+            return (0.0, math.inf)
+        if type(module) is nn.ReLU6:
+            return (0.0, 6.0)
+        if type(module) is nn.Hardtanh:
+            return (float(module.min_val), float(module.max_val))
+        return None
+    if node.op not in ("call_function", "call_method"):
+        return None
+    target = node.target
+    if target in _RELU:
+        return (0.0, math.inf)
+    if target in _RELU6:
+        return (0.0, 6.0)
+    if target in _HARDTANH:
+        return _bounds(_arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0))
+    if target in _CLAMP:
+        return _bounds(_arg(node, 1, "min", None), _arg(node, 2, "max", None))
+    return None
+
+
+_SPLITS = {
+    torch.split, torch.chunk, torch.tensor_split, torch.unbind, "split", "chunk", "tensor_split", "unbind",
+    aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+    aten.tensor_split.sections, aten.tensor_split.indices,
+}
+
+
+def is_split(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in _SPLITS
+
+
+def single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def unique_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def erase(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase ``node`` and drop it from the bookkeeping FX's ``convert_fx`` checks node by node."""
+    attrs = gm.meta.get("_observed_graph_module_attrs")
+    if attrs is not None:
+        for table in ("node_name_to_qconfig", "node_name_to_scope", "equalization_node_name_to_qconfig"):
+            getattr(attrs, table, {}).pop(node.name, None)
+        getattr(attrs, "observed_node_names", set()).discard(node.name)
+    gm.graph.erase_node(node)

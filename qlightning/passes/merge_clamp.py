@@ -1,0 +1,171 @@
+"""Merge ReLU / ReLU6 / hardtanh / clamp into the qparams of the quantizer that follows them.
+
+Backend configs that share one observer between a clamp's input and output (PyTorch's x86 and
+native configs do for standalone ReLU, ReLU6, hardtanh and clamp) quantize the clamped output with
+the *unclamped* range: for a ReLU half of the integer levels are spent on negative values that can
+no longer occur. After training or calibration this pass rewrites
+
+    op -> quantizer_a -> clamp -> quantizer_b        into        op -> quantizer_b' [-> clamp]
+
+where ``quantizer_b'`` has qparams for the clamped range (the guide's formulas: asymmetric
+``[max(lo, min), min(hi, max)]``; symmetric ``+-max(|new_min|, |new_max|)``). The clamp itself is
+dropped when the quantizer's saturation already implements it (its lowest and highest representable
+values lie within half a step of the clamp bounds: an asymmetric ReLU, for one); otherwise it stays,
+in front of the quantizer. ``op -> clamp -> quantizer`` loses the clamp under the same condition.
+
+Works on FX prepared graphs and PT2E prepared graphs (both call quantizer modules). Learnable (LSQ)
+quantizers are left alone: their range is a trained parameter, not an observed statistic.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import fx, nn
+
+from qlightning.passes.graph import clamp_range, erase, quantizer_node, single_user, unique_name
+from qlightning.passes.verify import check_close, run
+
+log = logging.getLogger(__name__)
+
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+
+
+def _observer_of(quantizer: nn.Module) -> nn.Module:
+    return getattr(quantizer, "activation_post_process", quantizer)
+
+
+def _mergeable(quantizer: nn.Module) -> bool:
+    obs = _observer_of(quantizer)
+    learnable = any(isinstance(p, nn.Parameter) for p in quantizer.parameters(recurse=False))
+    per_tensor = getattr(obs, "qscheme", None) in (torch.per_tensor_affine, torch.per_tensor_symmetric)
+    return not learnable and per_tensor and hasattr(obs, "min_val") and obs.min_val.numel() == 1
+
+
+def observed_range(quantizer: nn.Module) -> tuple[float, float]:
+    obs = _observer_of(quantizer)
+    return float(obs.min_val), float(obs.max_val)
+
+
+def _min_max_observer_like(obs: nn.Module) -> nn.Module:
+    """A MinMaxObserver of the same family and integer range as ``obs`` (a histogram observer's
+    qparams come from a search over its histogram, not from min/max, so it cannot be narrowed)."""
+    import importlib
+
+    family = importlib.import_module(type(obs).__module__)
+    return family.MinMaxObserver(
+        dtype=obs.dtype, qscheme=obs.qscheme, quant_min=obs.quant_min, quant_max=obs.quant_max, eps=float(obs.eps)
+    )
+
+
+def narrowed_copy(quantizer: nn.Module, lo: float, hi: float) -> nn.Module:
+    """A copy of ``quantizer`` whose qparams cover exactly ``[lo, hi]`` (and that stops observing)."""
+    new = copy.deepcopy(quantizer)
+    obs = _observer_of(new)
+    if hasattr(obs, "histogram") or not hasattr(obs, "min_val"):
+        obs = _min_max_observer_like(obs)
+        if new is _observer_of(new):
+            new = obs
+        else:
+            new.activation_post_process = obs
+    obs.min_val = torch.tensor(lo, dtype=torch.float32)
+    obs.max_val = torch.tensor(hi, dtype=torch.float32)
+    if new is not obs:  # a fake-quantize module: its forward uses the scale/zero_point buffers
+        scale, zero_point = obs.calculate_qparams()
+        new.scale.resize_(scale.shape).copy_(scale)
+        new.zero_point.resize_(zero_point.shape).copy_(zero_point)
+        new.disable_observer()
+    return new
+
+
+def _qparams(quantizer: nn.Module) -> tuple[float, int]:
+    if hasattr(quantizer, "scale") and quantizer is not _observer_of(quantizer):
+        return float(quantizer.scale), int(quantizer.zero_point)
+    scale, zero_point = quantizer.calculate_qparams()
+    return float(scale), int(zero_point)
+
+
+def saturation_implements(quantizer: nn.Module, lo: float, hi: float) -> bool:
+    """Whether quantizing with ``quantizer`` already clamps to ``[lo, hi]``: its representable
+    range ends within half a step of the clamp bounds, so clamp-then-quantize == quantize."""
+    scale, zero_point = _qparams(quantizer)
+    obs = _observer_of(quantizer)
+    lowest = (obs.quant_min - zero_point) * scale
+    highest = (obs.quant_max - zero_point) * scale
+    return lowest >= lo - 0.5 * scale * (1 - 1e-6) and highest <= hi + 0.5 * scale * (1 - 1e-6)
+
+
+def _run_as_quantized(gm: fx.GraphModule, example_inputs: tuple):
+    # Compared as the graph will compute once converted: plain observers fake-quantize too.
+    from qlightning.passes.exact_qparams import simulating_quantization
+
+    with simulating_quantization(gm):
+        return run(gm, example_inputs)
+
+
+def restore(gm: fx.GraphModule, backup: fx.GraphModule) -> None:
+    """Put ``backup``'s modules and graph back into ``gm`` (the same object callers hold)."""
+    gm._modules = backup._modules
+    gm.graph = backup.graph
+    gm.recompile()
+
+
+def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *, min_sqnr_db: float = 30.0) -> int:
+    """Merge clamps into the qparams of the following quantizer, in place; returns how many.
+
+    Run it after training/calibration (observers frozen). With ``example_inputs`` the outputs before
+    and after are compared and :class:`~qlightning.passes.verify.PassToleranceError` is raised, the
+    model restored, if their SQNR falls below ``min_sqnr_db`` (narrowed qparams change rounding, so
+    outputs move by less than a quantization step, never more).
+    """
+    backup = copy.deepcopy(gm) if example_inputs is not None else None
+    before = _run_as_quantized(gm, example_inputs) if example_inputs is not None else None
+    merged = 0
+    for clamp in list(gm.graph.nodes):
+        bounds = clamp_range(gm, clamp)
+        if bounds is None or len(clamp.all_input_nodes) != 1:
+            continue
+        after_q = single_user(clamp)
+        if after_q is None or not quantizer_node(gm, after_q):
+            continue
+        source = clamp.all_input_nodes[0]
+        quantizer_b = gm.get_submodule(after_q.target)
+        if quantizer_node(gm, source) and single_user(source) is clamp:
+            quantizer_a = gm.get_submodule(source.target)
+            if not (_mergeable(quantizer_a) and _mergeable(quantizer_b)):
+                continue
+            lo_x, hi_x = observed_range(quantizer_a)
+            new_q = narrowed_copy(quantizer_b, max(bounds[0], lo_x), min(bounds[1], hi_x))
+            name = unique_name(gm, f"{after_q.target.replace('.', '_')}_clamp_merged")
+            gm.add_module(name, new_q)
+            after_q.target = name
+            op_output = source.args[0]
+            keep_clamp = not saturation_implements(new_q, *bounds)
+            if keep_clamp:  # op -> clamp -> quantizer_b'
+                clamp.replace_input_with(source, op_output)
+            else:  # op -> quantizer_b'
+                after_q.replace_input_with(clamp, op_output)
+                erase(gm, clamp)
+            erase(gm, source)
+            merged += 1
+        elif not quantizer_node(gm, source) and _mergeable(quantizer_b) and saturation_implements(quantizer_b, *bounds):
+            after_q.replace_input_with(clamp, source)
+            erase(gm, clamp)
+            merged += 1
+    if not merged:
+        log.info("merge_relu_clamp: no clamp followed by a quantizer to merge; model unchanged")
+        return 0
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    if before is not None:
+        try:
+            check_close("merge_relu_clamp", before, _run_as_quantized(gm, example_inputs), min_sqnr_db=min_sqnr_db)
+        except Exception:
+            restore(gm, backup)
+            raise
+    log.info("merge_relu_clamp: merged %d clamps into their quantizers' qparams", merged)
+    return merged
+
