@@ -146,7 +146,7 @@ class EagerMode(QuantMode):
             return tq.convert(model, inplace=True)
 
     def fold_bn(self, model, example_inputs):
-        from qlightning.passes.fold_bn import fold_bn
+        from qlightning.passes.fold_qat_bn import fold_bn
 
         fold_bn(model, example_inputs, keep_weight_fake_quant=True)
 

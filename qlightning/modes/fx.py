@@ -77,7 +77,7 @@ class FxMode(QuantMode):
             )
 
     def fold_bn(self, model, example_inputs):
-        from qlightning.passes.fold_bn import fold_bn
+        from qlightning.passes.fold_qat_bn import fold_bn
 
         fold_bn(model, example_inputs, keep_weight_fake_quant=True)
 

@@ -16,7 +16,7 @@ package namespace loads them lazily.
 import importlib
 
 _EXPORTS = {
-    "fold_bn": "qlightning.passes.fold_bn",
+    "fold_bn": "qlightning.passes.fold_qat_bn",
     "fold_qat_conv_bn": "qlightning.passes.pt2e_fold_bn",
     "merge_relu_clamp": "qlightning.passes.merge_clamp",
     "unshare_clamp_observers": "qlightning.passes.unshare_observers",

@@ -9,9 +9,10 @@ no longer occur. After training or calibration this pass rewrites
 
 where ``quantizer_b'`` has qparams for the clamped range (the guide's formulas: asymmetric
 ``[max(lo, min), min(hi, max)]``; symmetric ``+-max(|new_min|, |new_max|)``). The clamp itself is
-dropped when the quantizer's saturation already implements it (its lowest and highest representable
-values lie within half a step of the clamp bounds: an asymmetric ReLU, for one); otherwise it stays,
-in front of the quantizer. ``op -> clamp -> quantizer`` loses the clamp under the same condition.
+dropped when the quantizer is a fake-quantizer whose saturation already implements it (its lowest
+and highest representable values lie within half a step of the clamp bounds: an asymmetric ReLU,
+for one); otherwise it stays, in front of the quantizer (always, for calibration observers, which
+are identity until conversion). ``op -> clamp -> quantizer`` loses the clamp under the same condition.
 
 Works on FX prepared graphs and PT2E prepared graphs (both call quantizer modules). Learnable (LSQ)
 quantizers are left alone: their range is a trained parameter, not an observed statistic.
@@ -88,8 +89,12 @@ def _qparams(quantizer: nn.Module) -> tuple[float, int]:
 
 
 def saturation_implements(quantizer: nn.Module, lo: float, hi: float) -> bool:
-    """Whether quantizing with ``quantizer`` already clamps to ``[lo, hi]``: its representable
-    range ends within half a step of the clamp bounds, so clamp-then-quantize == quantize."""
+    """Whether ``quantizer`` already clamps to ``[lo, hi]`` in forward: it fake-quantizes (a plain
+    observer is identity until conversion, and the graph must keep computing the same function)
+    and its representable range ends within half a step of the clamp bounds, so
+    clamp-then-quantize == quantize."""
+    if not hasattr(quantizer, "fake_quant_enabled"):
+        return False
     scale, zero_point = _qparams(quantizer)
     obs = _observer_of(quantizer)
     lowest = (obs.quant_min - zero_point) * scale

@@ -3,7 +3,7 @@
 PT2E's exporters (ONNX via dynamo, LiteRT, OpenVINO, inductor) take a ``convert_pt2e`` graph. A model
 trained with eager or FX QAT (or calibrated with their observers) reaches them like this:
 
-1. a copy has BatchNorm folded (:func:`~qlightning.passes.fold_bn.fold_bn`), observers frozen;
+1. a copy has BatchNorm folded (:func:`~qlightning.passes.fold_qat_bn.fold_bn`), observers frozen;
 2. every fake-quantize / observer module, whatever the backend config that placed it, is swapped for
    a marker, an opaque custom op that carries the quantizer's index through ``torch.export``;
 3. the copy is exported (dynamic batch) and each marker node becomes a call to an
@@ -26,7 +26,7 @@ from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 
 from qlightning.passes.exact_qparams import exact_observer
-from qlightning.passes.fold_bn import fold_bn
+from qlightning.passes.fold_qat_bn import fold_bn
 
 log = logging.getLogger(__name__)
 
