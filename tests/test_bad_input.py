@@ -102,6 +102,14 @@ class TwoNets(ImageClassifier):
         super().__init__(SmallCNN())
         self.teacher = SmallCNN()
 
+    def forward(self, x):
+        return self.net(x) + self.teacher(x)
+
+
+class UnusedTeacher(TwoNets):
+    def forward(self, x):
+        return self.net(x)
+
 
 def test_network_must_be_named_when_ambiguous(digits):
     trainer = L.Trainer(**trainer_kwargs(callbacks=[QuantizationAwareTraining("fx")]))
@@ -117,6 +125,14 @@ def test_named_network_is_the_one_quantized(digits):
     qat = QuantizationAwareTraining("fx", module="teacher")
     L.Trainer(**trainer_kwargs(max_epochs=1, limit_train_batches=1, callbacks=[qat])).fit(model, digits)
     assert model.teacher is qat.prepared_network and isinstance(model.net, SmallCNN)
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx", "pt2e"])
+def test_quantizing_a_network_that_never_ran_names_the_silent_quantizers(mode, digits):
+    qat = QuantizationAwareTraining(mode, module="teacher")
+    with pytest.raises(QuantizationConfigError, match=r"quantizers saw no data before conversion \(.*\): the network "
+                                                      r"never ran during training or calibration. Check that `module=`"):
+        L.Trainer(**trainer_kwargs(max_epochs=1, limit_train_batches=1, callbacks=[qat])).fit(UnusedTeacher(), digits)
 
 
 def test_eager_fusion_found_automatically_and_overridable():

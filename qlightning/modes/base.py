@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qlightning.backends import Backend
-from qlightning.errors import UntraceableModelError
+from qlightning.errors import QuantizationConfigError, UntraceableModelError
 from qlightning.spec import QuantRecipe
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,14 @@ class QuantMode(ABC):
         """A copy of a trained/calibrated network, observers frozen, with the deployment passes
         applied: BatchNorm folded and ReLU/clamp merged into qparams. Exporters and ``convert``
         start from it; ``prepared`` itself stays trainable."""
+        unobserved = unobserved_quantizers(prepared)
+        if unobserved:
+            shown = ", ".join(unobserved[:5]) + (f" and {len(unobserved) - 5} more" if len(unobserved) > 5 else "")
+            raise QuantizationConfigError(
+                f"{len(unobserved)} quantizers saw no data before conversion ({shown}): the network never ran "
+                "during training or calibration. Check that `module=` names the network the LightningModule "
+                "calls in its steps, and that some batches were run"
+            )
         model = copy.deepcopy(prepared).cpu().eval()
         self.set_observers_enabled(model, False)
         example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in batch_of_two(example_inputs))
@@ -108,6 +116,26 @@ class QuantMode(ABC):
             f"mode={self.name!r} could not capture {type(network).__name__}: the failing op is "
             f"{describe_failure(exc)}. Refactor that code, or try {_OTHER_MODES_HINT[self.name]}."
         )
+
+
+def unobserved_quantizers(model: nn.Module) -> list[str]:
+    """Names of the min/max-based quantizers whose observer has never seen a tensor."""
+    from qlightning.passes.graph import is_quantizer
+
+    quantizers = [(name, m) for name, m in model.named_modules() if is_quantizer(m)]
+    owned = {id(m.activation_post_process) for _, m in quantizers if hasattr(m, "fake_quant_enabled")}
+    names = []
+    for name, module in quantizers:
+        if id(module) in owned:
+            continue  # the observer inside a fake-quantize module: judged through its owner
+        observer = getattr(module, "activation_post_process", module)
+        min_val = getattr(observer, "min_val", None)
+        learnable = any(isinstance(p, nn.Parameter) for p in module.parameters(recurse=False))
+        if not isinstance(min_val, torch.Tensor) or learnable:
+            continue  # fixed-qparams, placeholder (dynamic) and learnable quantizers have no statistics
+        if min_val.numel() == 0 or bool(torch.isinf(min_val).all()):
+            names.append(name)
+    return names
 
 
 def describe_failure(exc: BaseException) -> str:
