@@ -56,10 +56,10 @@ def _inputs(n=16, seed=0):
     return (torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)),)
 
 
-def _trained(mode, net, observer="moving_average_minmax", ptq=False, steps=8):
+def _trained(mode, net, observer="moving_average_minmax", ptq=False, steps=8, backend="x86"):
     """A prepared network that has seen data (QAT: trained-mode passes updating observers and BN)."""
     torch.manual_seed(0)
-    backend, recipe = build_recipe(mode, "x86", observer, "per_channel_symmetric", "per_tensor_affine")
+    backend, recipe = build_recipe(mode, backend, observer, "per_channel_symmetric", "per_tensor_affine")
     impl = get_mode(mode)
     example = _inputs(4)
     prepared = (impl.prepare_ptq if ptq else impl.prepare_qat)(net, example, recipe, backend)
@@ -342,9 +342,11 @@ def _check_pt2e_equals(prepared, backend, example, step):
     return converted
 
 
-@pytest.mark.parametrize("observer", ["moving_average_minmax", "lsq"])
-def test_fx_qat_to_pt2e_keeps_the_trained_qparams(observer):
-    impl, backend, prepared = _trained("fx", PassNet(), observer=observer)
+@pytest.mark.parametrize(
+    "observer,backend", [("moving_average_minmax", "x86"), ("lsq", "x86"), ("minmax", "fbgemm"), ("minmax", "qnnpack")]
+)
+def test_fx_qat_to_pt2e_keeps_the_trained_qparams(observer, backend):
+    impl, backend, prepared = _trained("fx", PassNet(), observer=observer, backend=backend)
     _check_pt2e_equals(prepared, backend, _inputs(), _output_step(prepared))
 
 
