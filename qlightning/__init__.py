@@ -2,12 +2,16 @@
 
 from qlightning.backends import available_backends, get_backend, register_backend
 from qlightning.callbacks import PostTrainingQuantization, QuantizationAwareTraining
-from qlightning.errors import QuantizationConfigError, UntraceableModelError
+from qlightning.errors import ExportVerificationError, QuantizationConfigError, UntraceableModelError
+from qlightning.exporters import available_formats, export
 from qlightning.modes import available_modes
 from qlightning.observers import available_observers, register_observer
 from qlightning.quantized_engine import quantized_engine
 
 __all__ = [
+    "ExportVerificationError",
+    "available_formats",
+    "export",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
     "QuantizationConfigError",

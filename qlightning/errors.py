@@ -13,3 +13,7 @@ def unknown_choice(kind: str, value: object, valid) -> QuantizationConfigError:
     """Build the error for ``kind=value`` when only ``valid`` are allowed."""
     valid_list = ", ".join(repr(v) for v in sorted(valid))
     return QuantizationConfigError(f"unknown {kind} {value!r}; valid {kind}s are: {valid_list}")
+
+
+class ExportVerificationError(RuntimeError):
+    """An export whose runtime disagrees with the torch model, or that quantized nothing; nothing is written."""

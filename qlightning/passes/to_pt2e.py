@@ -80,6 +80,33 @@ def _swap_quantizers_for_markers(model: nn.Module) -> list[nn.Module]:
     return quantizers
 
 
+def _weight_owner(module: nn.Module) -> nn.Module | None:
+    """The conv/linear holding the weight of a calibration-prepared (PTQ) module, if it has no
+    weight quantizer of its own: torch.ao creates those only at conversion, from ``qconfig``."""
+    if getattr(module, "qconfig", None) is None or hasattr(module, "weight_fake_quant"):
+        return None
+    owner = module[0] if isinstance(module, nn.Sequential) and len(module) else module  # fused ConvReLU2d...
+    if isinstance(owner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and not hasattr(owner, "weight_fake_quant"):
+        return owner
+    return None
+
+
+def _mark_ptq_weights(model: nn.Module, quantizers: list[nn.Module]) -> None:
+    """Give PTQ conv/linear weights a marker too, with the qparams their ``qconfig`` would give."""
+    from torch.nn.utils import parametrize
+
+    owners = {id(o): o for o in (_weight_owner(m) for m in model.modules()) if o is not None}
+    for owner in owners.values():
+        qconfig_holder = owner if getattr(owner, "qconfig", None) is not None else None
+        qconfig = qconfig_holder.qconfig if qconfig_holder is not None else None
+        if qconfig is None:
+            qconfig = next(m.qconfig for m in model.modules() if _weight_owner(m) is owner)
+        observer = qconfig.weight()
+        observer(owner.weight.detach())
+        quantizers.append(observer)
+        parametrize.register_parametrization(owner, "weight", _Marker(len(quantizers) - 1), unsafe=True)
+
+
 def ao_to_pt2e(prepared: nn.Module, example_inputs: tuple) -> nn.Module:
     """A PT2E prepared program (observers in the graph) equivalent to an eager or FX prepared model.
 
@@ -92,6 +119,7 @@ def ao_to_pt2e(prepared: nn.Module, example_inputs: tuple) -> nn.Module:
     model.apply(tq.disable_observer)
     fold_bn(model, keep_weight_fake_quant=True)
     quantizers = _swap_quantizers_for_markers(model)
+    _mark_ptq_weights(model, quantizers)
     if not quantizers:
         raise ValueError(f"{type(prepared).__name__} has no fake-quantize or observer module: nothing to carry over")
     example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)

@@ -1,0 +1,99 @@
+"""ONNX (QDQ) export of a converted PT2E program, and running it in ONNX Runtime.
+
+The program's ``quantized_decomposed`` quantize/dequantize ops become ONNX QuantizeLinear /
+DequantizeLinear around float ops, the layout ONNX Runtime fuses into integer kernels (QLinearConv,
+QGemm, QLinearAdd, ...). The batch dimension is dynamic and named ``batch``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# ONNX ops that only move or reshape data: neither "quantized" nor "float" compute.
+_PLUMBING = {
+    "QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Shape",
+    "Gather", "Constant", "Identity", "Cast", "Slice", "Split", "Concat", "ConstantOfShape", "Expand",
+}
+
+
+def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
+    import onnx
+
+    from qlightning.modes.base import batch_of_two
+
+    example_inputs = batch_of_two(example_inputs)
+    gm = converted.graph_module
+    dynamic = tuple({0: torch.export.Dim("batch")} if isinstance(x, torch.Tensor) and x.dim() else None
+                    for x in example_inputs)
+    program = torch.export.export(gm, example_inputs, dynamic_shapes=dynamic)
+    onnx_program = torch.onnx.export(program, example_inputs, dynamo=True, optimize=True, verbose=False)
+    model = onnx_program.model_proto
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            dims[0].dim_param = "batch"
+    onnx.save(model, str(path))
+
+
+def runtime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def run(path: Path, inputs: tuple) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = _session(path)
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+    outputs = session.run(None, feeds)
+    return np.concatenate([o.reshape(o.shape[0], -1) if o.ndim else o.reshape(1, 1) for o in outputs], axis=1)
+
+
+_SESSIONS: dict = {}
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _SESSIONS:
+        _SESSIONS.clear()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        _SESSIONS[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _SESSIONS[key]
+
+
+def op_counts(path: Path) -> tuple[int, int]:
+    """(quantized, float) compute ops: an op is quantized when an input comes from DequantizeLinear
+    (ONNX Runtime fuses DQ -> op -> Q into its integer kernel)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    quantized = floating = 0
+    for node in graph.node:
+        if node.op_type in _PLUMBING:
+            continue
+        if any(producers.get(i) == "DequantizeLinear" for i in node.input):
+            quantized += 1
+        else:
+            floating += 1
+    return quantized, floating
+
+
+def float_size_bytes(path: Path) -> int:
+    """Size of the same file with its 8-bit initializers stored as fp32 (as the float network's weights)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    eight_bit = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    extra = sum(3 * int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in eight_bit)
+    return path.stat().st_size + extra

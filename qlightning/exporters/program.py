@@ -1,0 +1,97 @@
+"""Any quantized model qlightning makes -> a converted PT2E program (what every exporter consumes),
+plus the torch model the exported file must agree with.
+
+- PT2E converted (quantize/dequantize ops in the graph): exported as is; the reference is itself.
+- PT2E prepared (fake-quantize / observer modules in an exported graph): converted; the reference is
+  the prepared program with observers frozen (its fake quantization is what training saw).
+- FX or eager prepared (torch.ao quantizers): carried over by ``ao_to_pt2e`` with exactly their qparams,
+  then converted; the reference is the FX/eager fake-quantized model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qlightning.errors import QuantizationConfigError
+
+_QDQ_NAMESPACE = "quantized_decomposed"
+
+
+@dataclass
+class ExportableProgram:
+    converted: nn.Module  # ExportedNetwork holding a converted (Q/DQ) graph
+    reference: nn.Module  # what the exported file is compared with
+    mode: str  # "eager" | "fx" | "pt2e"
+    simulate_reference: bool = False  # reference has calibration observers: run it "as converted"
+
+
+def _graph_module(model: nn.Module) -> torch.fx.GraphModule | None:
+    inner = getattr(model, "graph_module", model)
+    return inner if isinstance(inner, torch.fx.GraphModule) else None
+
+
+def _has_qdq(gm: torch.fx.GraphModule) -> bool:
+    return any(
+        n.op == "call_function" and getattr(n.target, "namespace", None) == _QDQ_NAMESPACE for n in gm.graph.nodes
+    )
+
+
+def _has_quantizers(model: nn.Module, package: str) -> bool:
+    from qlightning.passes.graph import is_quantizer
+
+    return any(is_quantizer(m) and type(m).__module__.startswith(package) for m in model.modules())
+
+
+def _is_ao_int8(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    from qlightning.passes.graph import is_quantizer
+
+    frozen = copy.deepcopy(model).cpu().eval()
+    for m in frozen.modules():
+        if is_quantizer(m) and hasattr(m, "disable_observer"):
+            m.disable_observer()
+    return frozen
+
+
+def exportable_program(model: nn.Module, example_inputs: tuple) -> ExportableProgram:
+    """Classify ``model`` and bring it to a converted PT2E program (see the module docstring)."""
+    from qlightning.modes.pt2e import ExportedNetwork, Pt2eMode
+
+    gm = _graph_module(model)
+    if gm is not None and _has_qdq(gm):
+        converted = model if isinstance(model, ExportedNetwork) else ExportedNetwork(gm, inference_only=True)
+        return ExportableProgram(converted, converted, "pt2e")
+    if gm is not None and _has_quantizers(gm, "torchao"):
+        reference = _frozen_copy(model)
+        prepared = reference if isinstance(reference, ExportedNetwork) else ExportedNetwork(reference, True)
+        observers_only = not any(hasattr(m, "fake_quant_enabled") for m in prepared.modules())
+        return ExportableProgram(Pt2eMode().convert(prepared, None), prepared, "pt2e", observers_only)
+    if _has_quantizers(model, "torch.ao"):
+        from qlightning.passes.to_pt2e import ao_to_pt2e
+
+        reference = _frozen_copy(model)
+        mode = "fx" if isinstance(model, torch.fx.GraphModule) else "eager"
+        program = ao_to_pt2e(reference, example_inputs)
+        observers_only = not any(hasattr(m, "fake_quant_enabled") for m in reference.modules())
+        # Calibration observers do not fake-quantize: the carried-over program (whose observers do)
+        # is the faithful torch reference then.
+        return ExportableProgram(
+            Pt2eMode().convert(program, None), program if observers_only else reference, mode
+        )
+    if _is_ao_int8(model):
+        raise QuantizationConfigError(
+            f"{type(model).__name__} is an eager/FX int8 model (packed torch.ao quantized modules), which cannot be "
+            "exported to PT2E-based formats: export the prepared network instead (callback.finalized_network, "
+            "or the LightningModule's network after QAT/calibration)"
+        )
+    raise QuantizationConfigError(
+        f"{type(model).__name__} has no quantizers and no quantize/dequantize ops: nothing was quantized, so "
+        "there is nothing to export as int8 (prepare it with QuantizationAwareTraining or PostTrainingQuantization)"
+    )

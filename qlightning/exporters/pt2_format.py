@@ -1,0 +1,59 @@
+"""PT2 export: the converted program saved with ``torch.export.save`` (loadable with ``torch.export.load``;
+lowerable with inductor or ExecuTorch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
+    from qlightning.modes.base import batch_of_two
+
+    example_inputs = batch_of_two(example_inputs)
+    dynamic = tuple({0: torch.export.Dim("batch")} if isinstance(x, torch.Tensor) and x.dim() else None
+                    for x in example_inputs)
+    program = torch.export.export(converted.graph_module, example_inputs, dynamic_shapes=dynamic)
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
+
+
+def runtime_version() -> str:
+    return torch.__version__
+
+
+def run(path: Path, inputs: tuple) -> np.ndarray:
+    module = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        out = module(*inputs)
+    outputs = out if isinstance(out, (tuple, list)) else (out,)
+    return np.concatenate([o.reshape(o.shape[0], -1).numpy() for o in outputs], axis=1)
+
+
+def op_counts(path: Path) -> tuple[int, int]:
+    program = torch.export.load(str(path))
+    dequantized = set()
+    quantized = floating = 0
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "quantized_decomposed" in name:
+            if "dequantize" in name:
+                dequantized.add(node)
+            continue
+        if any(arg in dequantized for arg in node.all_input_nodes):
+            quantized += 1
+        elif "aten." in name and not any(s in name for s in ("view", "reshape", "flatten", "sym_size", "getitem")):
+            floating += 1
+    return quantized, floating
+
+
+def float_size_bytes(path: Path) -> int:
+    program = torch.export.load(str(path))
+    extra = sum(3 * t.numel() for t in program.state_dict.values() if t.dtype in (torch.int8, torch.uint8))
+    extra += sum(3 * t.numel() for t in program.constants.values()
+                 if isinstance(t, torch.Tensor) and t.dtype in (torch.int8, torch.uint8))
+    return path.stat().st_size + extra

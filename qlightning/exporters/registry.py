@@ -1,0 +1,55 @@
+"""Export formats. A format is a module-level ``write``/``run``/``op_counts``/``float_size_bytes``/
+``runtime_version`` quintet, imported only when used; a new format is one ``register_format`` call."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from qlightning.errors import unknown_choice
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    suffix: str
+    module: str  # implements write(converted, example_inputs, path), run(path, inputs) -> ndarray, ...
+    runtime: str  # what runs the file in verification
+    # pip extra that brings the runtime/converter, named in the error when it is missing
+    extra: str | None = None
+    required_modules: tuple[str, ...] = ()
+
+    def load(self):
+        for name in self.required_modules:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                hint = f"pip install 'qlightning[{self.extra}]'" if self.extra else f"install {name}"
+                raise ImportError(f"format={self.name!r} needs {name}, which is not installed: {hint}") from exc
+        return importlib.import_module(self.module)
+
+
+_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_format(fmt: ExportFormat) -> ExportFormat:
+    if fmt.name in _FORMATS:
+        raise ValueError(f"export format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> ExportFormat:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise unknown_choice("export format", name, _FORMATS) from None
+
+
+def available_formats() -> list[str]:
+    return sorted(_FORMATS)
+
+
+register_format(ExportFormat("onnx", ".onnx", "qlightning.exporters.onnx_format", "onnxruntime",
+                             required_modules=("onnx", "onnxruntime", "onnxscript")))
+register_format(ExportFormat("pt2", ".pt2", "qlightning.exporters.pt2_format", "torch"))
