@@ -70,6 +70,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     datamodule.setup("fit")
     model = _build(cfg.model)
     quant = _build(cfg.quant, drop=_QUANT_RUN_KEYS)  # bad quant choices fail here, before any training
+    _export_into(quant, output_dir)
 
     if isinstance(quant, PostTrainingQuantization):
         # Train float, then the callback calibrates on the train loader and converts at fit end.
@@ -96,6 +97,7 @@ def quantize(cfg: DictConfig, output_dir: str | Path) -> dict:
     datamodule.setup("fit")
     model = _build(cfg.model)
     ptq = _build(cfg.quant, drop=_QUANT_RUN_KEYS)
+    _export_into(ptq, output_dir)
     if not isinstance(ptq, PostTrainingQuantization):
         raise QuantizationConfigError(
             f"quantizing a checkpoint needs a post-training config (quant=ptq_static or quant=ptq_dynamic), got "
@@ -105,6 +107,40 @@ def quantize(cfg: DictConfig, output_dir: str | Path) -> dict:
     # Calibration data comes from the train split, so the accuracy below is measured on unseen data.
     trainer.validate(model, dataloaders=datamodule.train_dataloader(), ckpt_path=str(ckpt_path), verbose=False)
     return _summarize(model, ptq, datamodule, output_dir, fake_quant_model=None, ckpt_path=str(ckpt_path))
+
+
+def export_checkpoint(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """Export a QAT checkpoint (saved during ``fit`` with QuantizationAwareTraining) without training:
+    the callback rebuilds the prepared network, Lightning restores the checkpoint into it, training is
+    skipped, and the fit-end passes, conversion and exports run. PTQ configs quantize a float
+    checkpoint instead (as ``quantize``) and export the result."""
+    output_dir = Path(output_dir)
+    formats = [cfg.format] if isinstance(cfg.format, str) else list(cfg.format)
+    quant_cfg = OmegaConf.merge(cfg.quant, {"export": formats})
+    if quant_cfg.get("_target_") == "qlightning.PostTrainingQuantization":
+        return quantize(OmegaConf.merge(cfg, {"quant": quant_cfg}), output_dir)
+    ckpt_path = Path(cfg.ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is not a file; pass the checkpoint to export")
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = _build(cfg.data, drop=_DATA_INFO_KEYS)
+    model = _build(cfg.model)
+    qat = _build(quant_cfg, drop=_QUANT_RUN_KEYS)
+    _export_into(qat, output_dir)
+    args = _trainer_args(cfg, epochs=-1)
+    args["limit_train_batches"] = 0  # restore and go straight to fit end
+    L.Trainer(**args, callbacks=[qat]).fit(model, datamodule, ckpt_path=str(ckpt_path))
+    summary = {"ckpt_path": str(ckpt_path), "mode": qat.mode, "backend": qat.backend.name, "exported": qat.exported}
+    _write_json_atomically(output_dir / "summary.json", summary)
+    print(format_summary({f"{fmt}": f"{r['path']} ({r['size_bytes']} bytes, SQNR {r['sqnr_db']} dB, "
+                          f"top-1 agreement {r['top1_agreement']})" for fmt, r in qat.exported.items()}))
+    return summary
+
+
+def _export_into(callback, output_dir: Path) -> None:
+    # Exports go to the run directory unless the config names another place.
+    if getattr(callback, "export", None) and callback.export_dir is None:
+        callback.export_dir = str(Path(output_dir) / "quantized")
 
 
 def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_model, **extra) -> dict:
@@ -140,6 +176,7 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         "int8_size_bytes": _state_size_bytes(int8),
         "float_latency_ms": round(_latency_ms(float_net.eval(), example), 3),
         "int8_latency_ms": round(int8_latency, 3),
+        "exported": {fmt: str(Path(callback.export_dir) / r["path"]) for fmt, r in callback.exported.items()},
     }
     _write_json_atomically(output_dir / "summary.json", summary)
     print(format_summary(summary))

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_flag, check_modules_to_fuse
+from qlightning.callbacks.exporting import check_export_formats, export_formats, first_element_inputs
 from qlightning.callbacks.target import resolve_example_inputs, resolve_network
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
@@ -20,19 +21,6 @@ from qlightning.observers import available_observers, get_observer
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RNN = (nn.RNNBase, nn.RNNCellBase)
 _DYNAMIC = (nn.Linear, *_RNN)
-
-
-def first_element_inputs(batch) -> tuple:
-    """Model inputs of a batch: the batch itself if it is a tensor, else its first element
-    (the ``(x, y)`` convention of supervised datasets)."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
-    raise QuantizationConfigError(
-        f"cannot tell the model inputs in a batch of type {type(batch).__name__}; pass "
-        "batch_to_inputs=<callable returning a tuple of forward() arguments> to PostTrainingQuantization"
-    )
 
 
 @contextlib.contextmanager
@@ -67,6 +55,9 @@ class PostTrainingQuantization(Callback):
         calibration_batches: number of batches to calibrate static quantization on.
         batch_to_inputs: turns a batch into the network's positional inputs; default: the batch if
             it is a tensor, else its first element.
+        export / export_dir: formats to export the int8 model to (``["onnx"]``, ``"pt2"``) when it is
+            made, under ``export_dir`` (default ``<trainer.log_dir>/quantized``); each file is verified
+            in its runtime and gets a ``.report.json`` (:func:`qlightning.export`).
         merge_relu: after calibration, merge ReLU/clamp into the following quantizer's qparams
             (FX, PT2E; BatchNorm is already folded when PTQ inserts its observers).
     """
@@ -86,6 +77,8 @@ class PostTrainingQuantization(Callback):
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         batch_to_inputs: Callable[[Any], tuple] | None = None,
         merge_relu: bool = True,
+        export: Sequence[str] | None = None,
+        export_dir: str | None = None,
     ):
         self.backend, self.recipe = build_recipe(mode, backend, observer, weight_scheme, activation_scheme)
         if get_observer(observer).learnable:
@@ -103,6 +96,22 @@ class PostTrainingQuantization(Callback):
         check_modules_to_fuse(mode, modules_to_fuse)
         check_flag("merge_relu", merge_relu)
         self.merge_relu = merge_relu
+        self.export = check_export_formats(export)
+        if self.export and dynamic and mode != "pt2e":
+            raise QuantizationConfigError(
+                f"dynamic PTQ in mode={mode!r} makes torch.ao dynamic int8 modules, which the exporters cannot read; "
+                "use mode='pt2e' to export dynamic PTQ"
+            )
+        if dynamic and "onnx" in self.export:
+            # torch.onnx (2.14) has no translation for quantized_decomposed.choose_qparams, the run-time
+            # qparams of dynamic quantization; found when the export failed at step 3/3.
+            raise QuantizationConfigError(
+                "dynamic PTQ cannot be exported to ONNX (torch.onnx cannot translate run-time qparams); export "
+                "static PTQ/QAT models to ONNX, or dynamic ones with export=['pt2']"
+            )
+        self.export_dir = export_dir
+        # Reports of the files exported by the last quantization, by format.
+        self.exported: dict[str, dict] = {}
         if batch_to_inputs is not None and not callable(batch_to_inputs):
             raise QuantizationConfigError(f"batch_to_inputs must be callable, got {type(batch_to_inputs).__name__}")
         self.mode, self.observer, self.dynamic = mode, observer, dynamic
@@ -123,6 +132,7 @@ class PostTrainingQuantization(Callback):
         self._example: tuple | None = None
         self._observed: nn.Module | None = None
         self._quantized_this_run = False
+        self._trainer: Trainer | None = None
 
     @property
     def network_name(self) -> str | None:
@@ -138,6 +148,7 @@ class PostTrainingQuantization(Callback):
         if stage not in ("fit", "validate"):
             return
         self._quantized_this_run = False
+        self._trainer = trainer
         self._attr = resolve_network(pl_module, self.module)
         self._example = resolve_example_inputs(pl_module, self.example_inputs)
         self._impl = get_mode(self.mode)
@@ -263,6 +274,10 @@ class PostTrainingQuantization(Callback):
     def _finish(self, quantized: nn.Module) -> None:
         self.quantized_model = quantized
         self._quantized_this_run = True
+        source = self.finalized_network if not self.dynamic else quantized
+        with _normal_tensors():
+            self.exported = export_formats(self._trainer, source, self._example, self.export, self.export_dir,
+                                           self._attr, self.backend.name, self.batch_to_inputs)
         how = "dynamic" if self.dynamic else f"static, calibrated on {self.calibrated_batches} batches"
         rank_zero_info(
             f"qlightning: post-training quantized `{self._attr}` (mode={self.mode}, backend={self.backend.name}, {how})"

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_epoch, check_flag, check_modules_to_fuse
+from qlightning.callbacks.exporting import check_export_formats, export_formats
 from qlightning.callbacks.target import resolve_example_inputs, resolve_network
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
@@ -34,6 +35,9 @@ class QuantizationAwareTraining(Callback):
         modules_to_fuse: eager mode only: groups of submodule names to fuse, instead of the ones found.
         fold_bn: at fit end, fold BatchNorm into the QAT conv/linear layers before conversion.
         merge_relu: at fit end, merge ReLU/clamp into the following quantizer's qparams (FX, PT2E).
+        export / export_dir: formats to export at fit end (``["onnx"]``, ``"pt2"``) under ``export_dir``
+            (default ``<trainer.log_dir>/quantized``); each file is verified in its runtime against the
+            fake-quantized network and gets a ``.report.json`` (:func:`qlightning.export`).
 
     After ``fit`` the int8 model is in :attr:`quantized_model` (a converted copy; the LightningModule
     keeps its fake-quantized network and can be trained further).
@@ -54,6 +58,8 @@ class QuantizationAwareTraining(Callback):
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         fold_bn: bool = True,
         merge_relu: bool = True,
+        export: Sequence[str] | None = None,
+        export_dir: str | None = None,
     ):
         self.backend, self.recipe = build_recipe(mode, backend, observer, weight_scheme, activation_scheme)
         self.mode, self.observer = mode, observer
@@ -63,6 +69,10 @@ class QuantizationAwareTraining(Callback):
         check_flag("fold_bn", fold_bn)
         check_flag("merge_relu", merge_relu)
         self.fold_bn, self.merge_relu = fold_bn, merge_relu
+        self.export = check_export_formats(export)
+        self.export_dir = export_dir
+        # Reports of the files exported at the last fit end, by format.
+        self.exported: dict[str, dict] = {}
         self.weight_scheme, self.activation_scheme = weight_scheme, activation_scheme
         self.module = module
         self.example_inputs = example_inputs
@@ -195,6 +205,8 @@ class QuantizationAwareTraining(Callback):
             self._prepared, self._example, fold_bn=self.fold_bn, merge_relu=self.merge_relu
         )
         self.quantized_model = self._impl.convert(self.finalized_network, self.backend)
+        self.exported = export_formats(trainer, self.finalized_network, self._example, self.export, self.export_dir,
+                                       self._attr, self.backend.name)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -101,7 +101,12 @@ class QuantMode(ABC):
                 from qlightning.passes.merge_clamp import merge_relu_clamp
 
                 merge_relu_clamp(graph, example_inputs)
+        self.freeze_qparams(model)
         return model
+
+    def freeze_qparams(self, model: nn.Module) -> None:
+        """Make the finalized model's quantizers report exactly the qparams they fake-quantize with
+        (used by :meth:`finalize`; by default nothing to do)."""
 
     def fold_bn(self, model: nn.Module, example_inputs: tuple) -> None:
         """Fold the QAT BatchNorms of ``model`` in place (used by :meth:`finalize`)."""
