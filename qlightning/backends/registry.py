@@ -27,6 +27,8 @@ class Backend:
     # Builds a torchao PT2E Quantizer from a torchao ``QuantizationConfig``.
     pt2e_quantizer: Callable[[Any], Any]
     modes: frozenset = field(default=ALL_MODES)
+    # The runtime needs a split's outputs to share its input's qparams (ONNX Runtime, TFLite).
+    shared_split_qparams: bool = False
     description: str = ""
 
 

@@ -267,7 +267,8 @@ class PostTrainingQuantization(Callback):
             )
         with _normal_tensors():
             self.finalized_network = self._impl.finalize(
-                observed, self._example, fold_bn=False, merge_relu=self.merge_relu
+                observed, self._example, fold_bn=False, merge_relu=self.merge_relu,
+                share_split=self.backend.shared_split_qparams,
             )
             self._finish(self._impl.convert(self.finalized_network, self.backend))
 

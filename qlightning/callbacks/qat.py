@@ -202,7 +202,8 @@ class QuantizationAwareTraining(Callback):
         if self._prepared is None:
             return
         self.finalized_network = self._impl.finalize(
-            self._prepared, self._example, fold_bn=self.fold_bn, merge_relu=self.merge_relu
+            self._prepared, self._example, fold_bn=self.fold_bn, merge_relu=self.merge_relu,
+            share_split=self.backend.shared_split_qparams,
         )
         self.quantized_model = self._impl.convert(self.finalized_network, self.backend)
         self.exported = export_formats(trainer, self.finalized_network, self._example, self.export, self.export_dir,

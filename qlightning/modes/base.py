@@ -76,7 +76,7 @@ class QuantMode(ABC):
 
     # -- fit-end post-processing -------------------------------------------------------------------
     def finalize(self, prepared: nn.Module, example_inputs: tuple, *, fold_bn: bool = True,
-                 merge_relu: bool = True) -> nn.Module:
+                 merge_relu: bool = True, share_split: bool = False) -> nn.Module:
         """A copy of a trained/calibrated network, observers frozen, with the deployment passes
         applied: BatchNorm folded and ReLU/clamp merged into qparams. Exporters and ``convert``
         start from it; ``prepared`` itself stays trainable."""
@@ -101,6 +101,10 @@ class QuantMode(ABC):
                 from qlightning.passes.merge_clamp import merge_relu_clamp
 
                 merge_relu_clamp(graph, example_inputs)
+        if share_split and self.graph_of(model) is not None:
+            from qlightning.passes.share_split import share_split_qparams
+
+            share_split_qparams(self.graph_of(model))
         self.freeze_qparams(model)
         return model
 
