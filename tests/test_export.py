@@ -1,0 +1,170 @@
+"""Exports: from every mode to ONNX (run in ONNX Runtime's integer kernels) and PT2, verified, atomic."""
+
+import json
+
+import lightning as L
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from qlightning import (
+    ExportVerificationError,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    QuantizationConfigError,
+    export,
+)
+from qlightning.models import ImageClassifier, SmallCNN
+from tests.conftest import trainer_kwargs
+from tests.test_passes import PassNet, _inputs, _trained
+
+REPORT_KEYS = {
+    "format", "mode", "backend", "size_bytes", "float_size_bytes", "num_quantized_ops", "num_float_ops",
+    "max_abs_diff", "max_abs_diff_in_steps", "top1_agreement", "sqnr_db", "runtime", "runtime_version",
+}
+
+
+def _integer_kernels(path, tmp_path) -> set[str]:
+    """The op types ONNX Runtime actually runs after its (hardware-independent) QDQ fusions."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+@pytest.mark.parametrize(
+    "mode,ptq,backend", [("eager", False, "x86"), ("fx", False, "x86"), ("pt2e", False, "x86"),
+                         ("fx", True, "x86"), ("pt2e", True, "onnxruntime"), ("pt2e", False, "onnxruntime")]
+)
+def test_every_mode_exports_onnx_that_onnxruntime_runs_in_integer_kernels(mode, ptq, backend, tmp_path):
+    net = SmallCNN() if mode == "eager" else PassNet()
+    impl, backend_obj, prepared = _trained(mode, net, observer="minmax", ptq=ptq, backend=backend)
+    x = _inputs(4)
+    finalized = impl.finalize(prepared, x, fold_bn=not ptq, share_split=backend_obj.shared_split_qparams)
+    path = tmp_path / "net.onnx"
+    report = export(finalized, x, "onnx", path, check_inputs=[_inputs(32, seed=7)], backend=backend)
+
+    assert REPORT_KEYS <= set(report)
+    assert json.loads((tmp_path / "net.onnx.report.json").read_text()) == report
+    assert report["mode"] == mode and report["runtime"] == "onnxruntime" and report["check_samples"] == 36
+    assert report["sqnr_db"] == "inf" or report["sqnr_db"] >= 35
+    assert report["top1_agreement"] >= 0.99 and report["num_quantized_ops"] >= 4
+    assert report["size_bytes"] == path.stat().st_size < report["float_size_bytes"]
+    kernels = _integer_kernels(path, tmp_path)
+    assert "QLinearConv" in kernels, kernels
+    # The batch dimension is dynamic.
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"
+    assert session.run(None, {session.get_inputs()[0].name: torch.randn(3, 1, 8, 8).numpy()})[0].shape == (3, 10)
+
+
+def test_pt2_export_round_trips(tmp_path):
+    impl, _, prepared = _trained("fx", PassNet())
+    finalized = impl.finalize(prepared, _inputs())
+    report = export(finalized, _inputs(4), "pt2", tmp_path / "net.pt2")
+    assert report["runtime"] == "torch" and report["sqnr_db"] == "inf"
+    loaded = torch.export.load(str(tmp_path / "net.pt2")).module()
+    with torch.no_grad():
+        assert loaded(torch.randn(5, 1, 8, 8)).shape == (5, 10)
+
+
+def test_a_tolerance_violation_raises_and_leaves_no_file(tmp_path):
+    impl, _, prepared = _trained("eager", SmallCNN())
+    finalized = impl.finalize(prepared, _inputs())
+    with pytest.raises(ExportVerificationError, match=r"onnxruntime disagrees with the torch model beyond tolerance: "
+                                                      r"SQNR .* dB \(min 1000\).*no file written"):
+        export(finalized, _inputs(4), "onnx", tmp_path / "out" / "net.onnx", min_sqnr_db=1000)
+    assert list((tmp_path / "out").iterdir()) == []  # no model, no report, no temporary file
+
+
+def test_a_model_that_quantized_nothing_is_refused(tmp_path):
+    with pytest.raises(QuantizationConfigError, match=r"SmallCNN has no quantizers and no quantize/dequantize ops: "
+                                                      r"nothing was quantized"):
+        export(SmallCNN().eval(), _inputs(4), "onnx", tmp_path / "net.onnx")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_eager_int8_model_is_refused_with_what_to_export_instead(tmp_path):
+    impl, backend, prepared = _trained("fx", SmallCNN())
+    with pytest.raises(QuantizationConfigError, match=r"eager/FX int8 model .* export the prepared network instead"):
+        export(impl.convert(prepared, backend), _inputs(4), "onnx", tmp_path / "net.onnx")
+
+
+def test_unknown_format():
+    with pytest.raises(QuantizationConfigError, match=r"unknown export format 'tf'; valid export formats are: "
+                                                      r"'onnx', 'pt2'"):
+        export(SmallCNN(), _inputs(4), "tf", "x.tf")
+    with pytest.raises(QuantizationConfigError, match=r"unknown export format 'onix'"):
+        QuantizationAwareTraining(export=["onix"])
+    with pytest.raises(QuantizationConfigError, match=r"export must be a list of format names"):
+        PostTrainingQuantization(export="onnx")
+    with pytest.raises(QuantizationConfigError, match=r"dynamic PTQ cannot be exported to ONNX"):
+        PostTrainingQuantization(dynamic=True, export=["onnx"])
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx", "pt2e"])
+def test_callbacks_export_at_the_end(mode, digits, tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = ImageClassifier(SmallCNN(), lr=1e-3)
+    float_copy = ImageClassifier(SmallCNN())
+    float_copy.load_state_dict(model.state_dict())
+    qat = QuantizationAwareTraining(mode, export=["onnx", "pt2"])
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[qat], default_root_dir=tmp_path, limit_train_batches=8))
+    trainer.fit(model, digits)
+    out = tmp_path / "quantized"  # <trainer.log_dir or default_root_dir>/quantized
+    assert sorted(p.name for p in out.iterdir()) == ["net.onnx", "net.onnx.report.json", "net.pt2",
+                                                      "net.pt2.report.json"]
+    report = qat.exported["onnx"]
+    assert report["check_samples"] == 2 + 360  # example inputs + the validation set's batches
+    assert report["top1_agreement"] >= 0.99 and report["backend"] == "x86"
+
+    ptq = PostTrainingQuantization(mode, "onnxruntime" if mode == "pt2e" else "x86", "minmax",
+                                   calibration_batches=4, export=["onnx"], export_dir=str(tmp_path / "ptq"))
+    L.Trainer(**trainer_kwargs(callbacks=[ptq])).validate(float_copy, digits, verbose=False)
+    assert (tmp_path / "ptq" / "net.onnx").is_file() and ptq.exported["onnx"]["top1_agreement"] >= 0.99
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_networks_export_via_ptq(name, tmp_path):
+    import torchvision
+
+    from qlightning.callbacks.config import build_recipe
+    from qlightning.modes.registry import get_mode
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()  # random weights, no download
+    x = (torch.randn(2, 3, 64, 64),)
+    backend, recipe = build_recipe("pt2e", "onnxruntime", "minmax", "per_channel_symmetric", "per_tensor_affine")
+    impl = get_mode("pt2e")
+    observed = impl.prepare_ptq(net, x, recipe, backend)
+    with torch.no_grad():
+        for _ in range(3):
+            observed(torch.randn(8, 3, 64, 64))
+    finalized = impl.finalize(observed, x, fold_bn=False, share_split=True)
+    report = export(finalized, x, "onnx", tmp_path / f"{name}.onnx", check_inputs=[torch.randn(8, 3, 64, 64)])
+    assert report["size_bytes"] < 0.3 * report["float_size_bytes"]
+    assert report["num_quantized_ops"] > 20
+
+
+def test_export_script_exports_a_qat_checkpoint(tmp_path, digits):
+    from hydra import compose, initialize_config_dir
+
+    from qlightning.jobs import export_checkpoint
+    from tests.test_default_job import CONF
+
+    L.seed_everything(0, verbose=False)
+    model = ImageClassifier(SmallCNN())
+    qat = QuantizationAwareTraining("fx", "x86")
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[qat], max_epochs=2))
+    trainer.fit(model, digits)
+    ckpt = tmp_path / "qat.ckpt"
+    trainer.save_checkpoint(ckpt)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("export", overrides=[f"ckpt_path={ckpt}", "quant=qat_fx", "format=[onnx,pt2]"])
+    summary = export_checkpoint(cfg, tmp_path / "run")
+    assert set(summary["exported"]) == {"onnx", "pt2"}
+    assert (tmp_path / "run" / "quantized" / "net.onnx").is_file()
+    assert summary["exported"]["onnx"]["top1_agreement"] >= 0.99
