@@ -14,7 +14,7 @@ from tests.conftest import trainer_kwargs
     "kwargs,message",
     [
         (dict(mode="jit"), r"unknown mode 'jit'; valid modes are: 'eager', 'fx', 'pt2e'"),
-        (dict(backend="tpu"), r"unknown backend 'tpu'; valid backends are: 'fbgemm', 'qnnpack', 'x86'"),
+        (dict(backend="tpu"), r"unknown backend 'tpu'; valid backends are: 'fbgemm', 'onnxruntime', 'qnnpack', 'x86'"),
         (
             dict(observer="kl"),
             r"unknown observer 'kl'; valid observers are: 'histogram', 'lsq', 'minmax', 'moving_average_minmax'",

@@ -7,7 +7,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 from qlightning import (
     ExportVerificationError,

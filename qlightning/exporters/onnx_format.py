@@ -48,7 +48,6 @@ def runtime_version() -> str:
 
 
 def run(path: Path, inputs: tuple) -> np.ndarray:
-    import onnxruntime as ort
 
     session = _session(path)
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
