@@ -170,3 +170,19 @@ def test_export_script_exports_a_qat_checkpoint(tmp_path, digits):
     assert set(summary["exported"]) == {"onnx", "pt2"}
     assert (tmp_path / "run" / "quantized" / "net.onnx").is_file()
     assert summary["exported"]["onnx"]["top1_agreement"] >= 0.99
+
+
+def test_an_export_with_no_quantized_compute_op_fails(tmp_path):
+    from qlightning.callbacks.config import build_recipe
+    from qlightning.modes.registry import get_mode
+
+    # Only a reshape gets quantize/dequantize around it: nothing runs in an integer kernel.
+    backend, recipe = build_recipe("pt2e", "onnxruntime", "minmax", "per_channel_symmetric", "per_tensor_affine")
+    impl = get_mode("pt2e")
+    observed = impl.prepare_ptq(torch.nn.Flatten(), _inputs(4), recipe, backend)
+    with torch.no_grad():
+        observed(*_inputs())
+    with pytest.raises(ExportVerificationError, match=r"the onnx export of ExportedNetwork has no quantized op "
+                                                      r"\(\d+ float ops\): nothing was quantized; no file written"):
+        export(impl.finalize(observed, _inputs(4), fold_bn=False), _inputs(4), "onnx", tmp_path / "flat.onnx")
+    assert not any(tmp_path.iterdir())
