@@ -5,6 +5,7 @@ from qlightning.callbacks import PostTrainingQuantization, QuantizationAwareTrai
 from qlightning.errors import ExportVerificationError, QuantizationConfigError, UntraceableModelError
 from qlightning.exporters import available_formats, export
 from qlightning.modes import available_modes
+from qlightning.monitoring import QParamMonitor
 from qlightning.observers import available_observers, register_observer
 from qlightning.quantized_engine import quantized_engine
 
@@ -13,6 +14,7 @@ __all__ = [
     "available_formats",
     "export",
     "PostTrainingQuantization",
+    "QParamMonitor",
     "QuantizationAwareTraining",
     "QuantizationConfigError",
     "UntraceableModelError",

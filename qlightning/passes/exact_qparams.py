@@ -53,15 +53,20 @@ def _is_fake_quantize(module: nn.Module) -> bool:
     return hasattr(module, "fake_quant_enabled")
 
 
-def exact_observer(quantizer: nn.Module) -> ExactQParamsObserver:
-    """The current qparams of a torch.ao / torchao fake-quantize or observer module, frozen."""
+def current_qparams(quantizer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scale, zero_point) a quantizer applies now."""
     learnable = any(isinstance(p, nn.Parameter) for p in quantizer.parameters(recurse=False))
     if _is_fake_quantize(quantizer) and not learnable:
         # The buffers are what forward() used: with frozen observers they may differ from what the
         # observer would compute now.
-        scale, zero_point = quantizer.scale, quantizer.zero_point
-    else:  # observers, and LSQ (whose calculate_qparams applies its |scale| and rounding)
-        scale, zero_point = quantizer.calculate_qparams()
+        return quantizer.scale, quantizer.zero_point
+    # observers, and LSQ (whose calculate_qparams applies its |scale| and rounding)
+    return quantizer.calculate_qparams()
+
+
+def exact_observer(quantizer: nn.Module) -> ExactQParamsObserver:
+    """The current qparams of a torch.ao / torchao fake-quantize or observer module, frozen."""
+    scale, zero_point = current_qparams(quantizer)
     qscheme = quantizer.qscheme
     if qscheme == torch.per_channel_affine_float_qparams:
         raise ValueError("per_channel_affine_float_qparams (embedding) quantizers have no PT2E equivalent here")

@@ -1,0 +1,3 @@
+from qlightning.monitoring.qparam_monitor import QParamMonitor
+
+__all__ = ["QParamMonitor"]

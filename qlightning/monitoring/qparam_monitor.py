@@ -1,0 +1,200 @@
+"""``QParamMonitor``: scale / zero-point curves of every quantizer, their drift, and the freeze state."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from qlightning.errors import QuantizationConfigError
+from qlightning.monitoring.names import quantizer_names
+
+DRIFT_IMAGE_TAG = "quant/drift_per_layer"
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise QuantizationConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class QParamMonitor(Callback):
+    """Logs, every ``log_every_n_steps`` training steps, for every quantizer of the network that a
+    :class:`~qlightning.QuantizationAwareTraining` callback in the same Trainer prepared:
+
+    - ``qparams/<name>/scale`` and ``qparams/<name>/zero_point`` (per-channel: the mean, plus a
+      histogram when ``histograms`` and the logger is TensorBoard);
+    - ``qparams_drift/<name>/scale``: relative change of the scale since the previous log
+      (``||s - s_prev|| / ||s_prev||``);
+    - each epoch, ``quant/observers_frozen`` and ``quant/bn_frozen`` (0/1); with TensorBoard also a
+      custom-scalars layout grouping the curves by layer and an image of drift per layer over epochs.
+
+    ``<name>`` says what the quantizer guards: ``conv1.weight``, ``conv1.output``, ``input``.
+
+    ``auto_freeze=True`` freezes the observers (through the QAT callback, so checkpoints record it)
+    once every quantizer's drift has stayed below ``drift_threshold`` for ``patience`` consecutive
+    logs, and logs ``quant/auto_freeze_step``. Rank zero logs; every rank freezes.
+    """
+
+    def __init__(self, log_every_n_steps: int = 50, histograms: bool = True, *, auto_freeze: bool = False,
+                 drift_threshold: float = 1e-3, patience: int = 3):
+        _positive_int("log_every_n_steps", log_every_n_steps)
+        _positive_int("patience", patience)
+        if not (isinstance(drift_threshold, (int, float)) and drift_threshold > 0 and math.isfinite(drift_threshold)):
+            raise QuantizationConfigError(f"drift_threshold must be a positive number, got {drift_threshold!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.histograms = histograms
+        self.auto_freeze = auto_freeze
+        self.drift_threshold = float(drift_threshold)
+        self.patience = patience
+
+        self.auto_frozen_at_step: int | None = None
+        self._stable_logs = 0
+        self._qat = None
+        self._previous: dict[str, torch.Tensor] = {}
+        self._epoch_drift: dict[str, list[float]] = {}
+        self._drift_rows: list[dict[str, float]] = []  # one per epoch: mean drift per quantizer
+        self._last_logged_step: int | None = None
+        self._layout_written = False
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from qlightning.callbacks import QuantizationAwareTraining
+
+        qats = [cb for cb in trainer.callbacks if isinstance(cb, QuantizationAwareTraining)]
+        if not qats:
+            raise QuantizationConfigError(
+                "QParamMonitor logs the quantizers a QuantizationAwareTraining callback prepares: add one to the "
+                "same Trainer(callbacks=[QuantizationAwareTraining(...), QParamMonitor(...)])"
+            )
+        self._qat = qats[0]
+
+    def _quantizers(self) -> dict[str, torch.nn.Module]:
+        qat = self._qat
+        pairs = qat._impl.quantizers(qat.prepared_network)
+        names = quantizer_names(qat.prepared_network, pairs)
+        named = {}
+        for _, module in pairs:
+            named.setdefault(names[id(module)], module)
+        return named
+
+    # -- per step ---------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._qat is None or self._qat.prepared_network is None:
+            return
+        if self._last_logged_step is not None and step - self._last_logged_step < self.log_every_n_steps:
+            return
+        self._last_logged_step = step
+        from qlightning.passes.exact_qparams import current_qparams
+
+        metrics: dict[str, float] = {}
+        drifts: list[float] = []
+        histograms: dict[str, torch.Tensor] = {}
+        for name, module in self._quantizers().items():
+            scale, zero_point = (t.detach().float().cpu().flatten() for t in current_qparams(module))
+            metrics[f"qparams/{name}/scale"] = scale.mean().item()
+            metrics[f"qparams/{name}/zero_point"] = zero_point.mean().item()
+            if scale.numel() > 1:
+                histograms[f"qparams/{name}/scale"] = scale
+                histograms[f"qparams/{name}/zero_point"] = zero_point
+            previous = self._previous.get(name)
+            if previous is not None and previous.shape == scale.shape:
+                drift = (scale - previous).norm().item() / max(previous.norm().item(), 1e-12)
+                metrics[f"qparams_drift/{name}/scale"] = drift
+                drifts.append(drift)
+                self._epoch_drift.setdefault(name, []).append(drift)
+            self._previous[name] = scale.clone()
+        if trainer.is_global_zero:
+            self._log(trainer, metrics, histograms, step)
+        if self.auto_freeze and drifts:
+            self._update_auto_freeze(trainer, max(drifts), step)
+
+    def _update_auto_freeze(self, trainer: Trainer, worst_drift: float, step: int) -> None:
+        if self._qat.observers_frozen:
+            return
+        self._stable_logs = self._stable_logs + 1 if worst_drift < self.drift_threshold else 0
+        if self._stable_logs >= self.patience:
+            self._qat.freeze_observers()
+            self.auto_frozen_at_step = step
+            rank_zero_info(
+                f"qlightning: auto_freeze froze the observers at step {step}: every scale drifted less than "
+                f"{self.drift_threshold:g} for {self.patience} logs"
+            )
+            if trainer.is_global_zero:
+                self._log(trainer, {"quant/auto_freeze_step": float(step)}, {}, step)
+
+    # -- per epoch --------------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._qat is None or self._qat.prepared_network is None:
+            return
+        self._drift_rows.append({name: float(np.mean(v)) for name, v in self._epoch_drift.items()})
+        self._epoch_drift = {}
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            "quant/observers_frozen": float(self._qat.observers_frozen),
+            "quant/bn_frozen": float(self._qat.bn_frozen),
+        }
+        self._log(trainer, metrics, {}, trainer.global_step)
+        for logger in self._tensorboards(trainer):
+            logger.experiment.add_image(DRIFT_IMAGE_TAG, self._drift_image(), trainer.current_epoch, dataformats="HWC")
+
+    # -- output -----------------------------------------------------------------------------------
+    @staticmethod
+    def _tensorboards(trainer: Trainer) -> list[TensorBoardLogger]:
+        return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+    def _log(self, trainer: Trainer, metrics: dict, histograms: dict, step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        for logger in self._tensorboards(trainer):
+            if not self._layout_written:
+                logger.experiment.add_custom_scalars(self._layout())
+            if self.histograms:
+                for tag, values in histograms.items():
+                    logger.experiment.add_histogram(tag, values, step)
+        if self._tensorboards(trainer):
+            self._layout_written = True
+
+    def _layout(self) -> dict:
+        """Custom scalars: one category per layer, with its scale, zero point and drift charts."""
+        layers: dict[str, dict[str, list]] = {}
+        for name in self._quantizers():
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            charts = layers.setdefault(layer, {})
+            charts[f"{name} scale"] = ["Multiline", [f"qparams/{name}/scale"]]
+            charts[f"{name} zero point"] = ["Multiline", [f"qparams/{name}/zero_point"]]
+            charts[f"{name} drift"] = ["Multiline", [f"qparams_drift/{name}/scale"]]
+        layers["freezing"] = {"frozen": ["Multiline", ["quant/observers_frozen", "quant/bn_frozen"]]}
+        return layers
+
+    def _drift_image(self, cell: int = 12) -> np.ndarray:
+        """Heat map, one row per quantizer and one column per epoch: log10 of the mean drift, dark
+        (<= 1e-6) to bright (>= 1), so freezing shows as a column turning dark."""
+        names = sorted({n for row in self._drift_rows for n in row})
+        grid = np.zeros((max(len(names), 1), max(len(self._drift_rows), 1)), dtype=np.float32)
+        for col, row in enumerate(self._drift_rows):
+            for r, name in enumerate(names):
+                drift = row.get(name, 0.0)
+                grid[r, col] = np.clip((math.log10(max(drift, 1e-6)) + 6) / 6, 0, 1)
+        image = np.kron(grid, np.ones((cell, cell), dtype=np.float32))
+        # A blue-to-yellow ramp, readable without matplotlib.
+        rgb = np.stack([image, 0.5 + 0.5 * image * (1 - image) * 2, 1 - image], axis=-1)
+        return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"stable_logs": self._stable_logs, "auto_frozen_at_step": self.auto_frozen_at_step,
+                "drift_rows": self._drift_rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._stable_logs = state_dict.get("stable_logs", 0)
+        self.auto_frozen_at_step = state_dict.get("auto_frozen_at_step")
+        self._drift_rows = list(state_dict.get("drift_rows", []))
