@@ -1,0 +1,146 @@
+"""QParamMonitor: what lands in TensorBoard is the quantizers' real qparams, freezing shows, auto_freeze works."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qlightning import QParamMonitor, QuantizationAwareTraining, QuantizationConfigError
+from qlightning.models import ImageClassifier, SmallCNN
+from qlightning.monitoring.names import quantizer_names
+from qlightning.passes.exact_qparams import current_qparams
+from tests.conftest import trainer_kwargs
+
+
+class RecordScales(Callback):
+    """Records the quantizers' scales right after the monitor logs (same hook, listed after it)."""
+
+    def __init__(self, qat, every):
+        self.qat, self.every, self.scales = qat, every, {}
+        self.last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.last is not None and step - self.last < self.every:
+            return
+        self.last = step
+        pairs = self.qat._impl.quantizers(self.qat.prepared_network)
+        names = quantizer_names(self.qat.prepared_network, pairs)
+        self.scales[step] = {names[id(m)]: current_qparams(m)[0].float().mean().item() for _, m in pairs}
+
+
+def _events(logger) -> EventAccumulator:
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx", "pt2e"])
+def test_logged_scales_are_the_real_scales_and_stop_changing_once_frozen(mode, digits, tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = ImageClassifier(SmallCNN(), lr=1e-3)
+    qat = QuantizationAwareTraining(mode, freeze_observers_epoch=1, freeze_bn_epoch=1)
+    monitor = QParamMonitor(log_every_n_steps=2)
+    recorder = RecordScales(qat, every=2)
+    logger = TensorBoardLogger(tmp_path, name=mode)
+    L.Trainer(**trainer_kwargs(callbacks=[qat, monitor, recorder], logger=logger, max_epochs=2,
+                               limit_train_batches=6)).fit(model, digits)
+    events = _events(logger)
+    tags = events.Tags()
+
+    first_step = min(recorder.scales)
+    assert first_step == 1  # logged after the first optimizer step, then every 2 steps
+    names = set(recorder.scales[first_step])
+    assert "input" in names and any(n.endswith("conv1.weight") for n in names) and len(names) >= 7
+    for name in names:
+        curve = {e.step: e.value for e in events.Scalars(f"qparams/{name}/scale")}
+        assert sorted(curve) == sorted(recorder.scales) == [1, 3, 5, 7, 9, 11]
+        for step, scales in recorder.scales.items():
+            assert curve[step] == pytest.approx(scales[name], rel=1e-6)
+        assert f"qparams/{name}/zero_point" in tags["scalars"]
+        # Observers freeze when epoch 1 starts (after step 6): the curve is flat from there on ...
+        frozen = [curve[s] for s in sorted(curve) if s > 6]
+        assert len(set(frozen)) == 1, (name, frozen)
+        # ... and the drift, once it compares two frozen logs, is zero.
+        drift = {e.step: e.value for e in events.Scalars(f"qparams_drift/{name}/scale")}
+        assert sorted(drift) == [3, 5, 7, 9, 11] and drift[9] == drift[11] == 0
+
+    frozen_flags = [e.value for e in events.Scalars("quant/observers_frozen")]
+    assert frozen_flags == [0.0, 1.0]
+    assert [e.value for e in events.Scalars("quant/bn_frozen")] == [0.0, 1.0]
+    # Per-channel weight scales also go in as histograms; the layout and the drift image exist.
+    assert any(t.endswith("weight/scale") for t in tags["histograms"])
+    assert "custom_scalars__config__" in tags["tensors"]
+    assert "quant/drift_per_layer" in tags["images"]
+    image = events.Images("quant/drift_per_layer")[-1]
+    assert image.height >= len(names) * 12 and image.width == 2 * 12  # one row per quantizer, one column per epoch
+
+
+def test_scalars_reach_any_logger(digits, tmp_path):
+    qat = QuantizationAwareTraining("fx")
+    logger = CSVLogger(tmp_path)
+    L.Trainer(**trainer_kwargs(callbacks=[qat, QParamMonitor(log_every_n_steps=1)], logger=logger)).fit(
+        ImageClassifier(SmallCNN()), digits
+    )
+    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "qparams/conv1.weight/scale" in header and "quant/observers_frozen" in header
+
+
+def _auto_freeze_run(digits, lr, observer, **schedule):
+    L.seed_everything(0, verbose=False)
+    qat = QuantizationAwareTraining("fx", observer=observer, **schedule)
+    monitor = QParamMonitor(log_every_n_steps=1, auto_freeze=True, drift_threshold=1e-3, patience=3)
+    L.Trainer(**trainer_kwargs(callbacks=[qat, monitor], max_epochs=2, limit_train_batches=12)).fit(
+        ImageClassifier(SmallCNN(), lr=lr), digits
+    )
+    return qat, monitor
+
+
+def test_auto_freeze_fires_on_a_stable_run(digits):
+    # No weight updates, BatchNorm frozen and running min/max observers: once the data's range has
+    # been seen, nothing moves.
+    qat, monitor = _auto_freeze_run(digits, lr=0.0, observer="minmax", freeze_bn_epoch=0)
+    assert qat.observers_frozen and monitor.auto_frozen_at_step is not None
+    assert monitor.auto_frozen_at_step <= 12
+
+
+def test_auto_freeze_does_not_fire_while_scales_move(digits):
+    # Large learning rate and per-batch moving averages: the scales keep moving.
+    qat, monitor = _auto_freeze_run(digits, lr=0.3, observer="moving_average_minmax")
+    assert not qat.observers_frozen and monitor.auto_frozen_at_step is None
+
+
+def test_monitor_needs_a_qat_callback(digits):
+    with pytest.raises(QuantizationConfigError, match=r"QParamMonitor logs the quantizers a QuantizationAwareTraining "
+                                                      r"callback prepares: add one to the same Trainer"):
+        L.Trainer(**trainer_kwargs(callbacks=[QParamMonitor()])).fit(ImageClassifier(SmallCNN()), digits)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"log_every_n_steps": 0}, r"log_every_n_steps must be an integer >= 1, got 0"),
+        ({"patience": 1.5}, r"patience must be an integer >= 1, got 1.5"),
+        ({"drift_threshold": -1}, r"drift_threshold must be a positive number, got -1"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(QuantizationConfigError, match=message):
+        QParamMonitor(**kwargs)
+
+
+def test_logging_costs_little(digits):
+    # Not a timing assertion (those live in scripts/bench.py): logging must not touch the graph or
+    # the gradients, so a monitored run trains exactly like an unmonitored one.
+    def run(callbacks):
+        L.seed_everything(0, verbose=False)
+        model = ImageClassifier(SmallCNN(), lr=1e-3)
+        L.Trainer(**trainer_kwargs(callbacks=callbacks)).fit(model, digits)
+        return model
+
+    plain = run([QuantizationAwareTraining("fx")])
+    monitored = run([QuantizationAwareTraining("fx"), QParamMonitor(log_every_n_steps=1)])
+    for a, b in zip(plain.state_dict().values(), monitored.state_dict().values()):
+        assert torch.equal(a, b)
