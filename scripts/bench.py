@@ -2,7 +2,7 @@
 
     python scripts/bench.py [--quick] [--out bench.json] [--markdown docs/benchmarks.md]
 
-Measured now: ONNX Runtime latency (batch 1, 2 threads) of torchvision resnet18 and mobilenet_v2
+Measured now: QParamMonitor overhead on QAT steps, and ONNX Runtime latency (batch 1, 2 threads) of torchvision resnet18 and mobilenet_v2
 (random weights, 64x64 inputs): the fp32 ONNX export, ONNX Runtime's own ``quantize_static`` QDQ model
 of that fp32 file, and qlightning's PTQ (PT2E, ``onnxruntime`` backend) export. The three sessions run
 interleaved (one call each per round) after warm-up; medians are reported with the CPU flags.
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 TARGETS = {
+    "monitor_overhead.ratio": 1.05,
     "ort_int8_over_fp32.resnet18": 0.55,
     "ort_int8_over_fp32.mobilenet_v2": 0.70,
     "ort_int8_over_quantize_static.resnet18": 1.0,
@@ -127,6 +128,53 @@ def ort_latency(name: str, workdir: Path, quick: bool) -> dict:
     }
 
 
+def monitor_overhead(quick: bool) -> dict:
+    """QAT step time with ``QParamMonitor(log_every_n_steps=50)`` over the same QAT without it
+    (SmallCNN on digits, PT2E, CPU): runs alternate A/B/A/B..., per-step times pooled per side,
+    medians compared."""
+    import lightning as L
+    from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from qlightning import QParamMonitor, QuantizationAwareTraining
+    from qlightning.data import DigitsDataModule
+    from qlightning.models import ImageClassifier, SmallCNN
+
+    class StepTimer(Callback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_batch_start(self, *args):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            self.times.append(time.perf_counter() - self.start)
+
+    datamodule = DigitsDataModule(batch_size=32)
+    datamodule.setup()
+    steps = {"plain": [], "monitored": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(2 if quick else 4):
+            for side in ("plain", "monitored"):
+                L.seed_everything(repeat, verbose=False)
+                timer = StepTimer()
+                callbacks = [QuantizationAwareTraining("pt2e", "x86")]
+                if side == "monitored":
+                    callbacks.append(QParamMonitor(log_every_n_steps=50))
+                trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, callbacks=[*callbacks, timer],
+                                    logger=TensorBoardLogger(tmp, name=f"{side}_{repeat}"), enable_progress_bar=False,
+                                    enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                                    limit_val_batches=0)
+                trainer.fit(ImageClassifier(SmallCNN()), datamodule)
+                steps[side] += timer.times[5:]  # after warm-up
+    plain, monitored = statistics.median(steps["plain"]), statistics.median(steps["monitored"])
+    # Medians hide the one-in-50 logging step; the mean carries its cost too.
+    mean_ratio = statistics.mean(steps["monitored"]) / statistics.mean(steps["plain"])
+    return {"ratio": round(mean_ratio, 3), "median_ratio": round(monitored / plain, 3),
+            "step_ms": {"plain": round(1000 * plain, 3), "monitored": round(1000 * monitored, 3)},
+            "steps_per_side": len(steps["plain"])}
+
+
 def run(quick: bool) -> dict:
     import onnxruntime
 
@@ -134,6 +182,7 @@ def run(quick: bool) -> dict:
                "date": datetime.date.today().isoformat(), "machine": cpu_flags(),
                "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
                "ort_int8_over_fp32": {}, "ort_int8_over_quantize_static": {}, "raw": {}}
+    results["monitor_overhead"] = monitor_overhead(quick)
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("resnet18", "mobilenet_v2"):
             measured = ort_latency(name, Path(tmp), quick)
@@ -162,6 +211,10 @@ def markdown(results: dict) -> str:
     for key, target in TARGETS.items():
         group, name = key.split(".")
         lines.append(f"| `{key}` | {results[group][name]:.3f} | <= {target} |")
+    overhead = results["monitor_overhead"]
+    lines += ["", f"QParamMonitor(log_every_n_steps=50): QAT step {overhead['step_ms']['plain']} ms without, "
+              f"{overhead['step_ms']['monitored']} ms with (median), mean-step ratio {overhead['ratio']} "
+              f"over {overhead['steps_per_side']} steps per side (SmallCNN, digits, PT2E, CPU)."]
     lines += ["", "| network | fp32 ms | quantize_static ms | qlightning ms |", "| --- | --- | --- | --- |"]
     for name, raw in results["raw"].items():
         t = raw["latency_ms"]
@@ -177,7 +230,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     results = run(args.quick)
-    print(json.dumps({k: results[k] for k in ("ort_int8_over_fp32", "ort_int8_over_quantize_static")}, indent=2))
+    print(json.dumps({k: results[k] for k in ("ort_int8_over_fp32", "ort_int8_over_quantize_static",
+                                              "monitor_overhead")}, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
