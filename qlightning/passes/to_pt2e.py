@@ -95,13 +95,13 @@ def _mark_ptq_weights(model: nn.Module, quantizers: list[nn.Module]) -> None:
     """Give PTQ conv/linear weights a marker too, with the qparams their ``qconfig`` would give."""
     from torch.nn.utils import parametrize
 
-    owners = {id(o): o for o in (_weight_owner(m) for m in model.modules()) if o is not None}
-    for owner in owners.values():
-        qconfig_holder = owner if getattr(owner, "qconfig", None) is not None else None
-        qconfig = qconfig_holder.qconfig if qconfig_holder is not None else None
-        if qconfig is None:
-            qconfig = next(m.qconfig for m in model.modules() if _weight_owner(m) is owner)
-        observer = qconfig.weight()
+    done = set()
+    for module in list(model.modules()):
+        owner = _weight_owner(module)
+        if owner is None or id(owner) in done:
+            continue
+        done.add(id(owner))
+        observer = module.qconfig.weight()
         observer(owner.weight.detach())
         quantizers.append(observer)
         parametrize.register_parametrization(owner, "weight", _Marker(len(quantizers) - 1), unsafe=True)
