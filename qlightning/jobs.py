@@ -16,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import qlightning.conf_schema  # noqa: F401  (registers the quant schemas Hydra validates against)
 from qlightning.callbacks import PostTrainingQuantization
 from qlightning.errors import QuantizationConfigError
 from qlightning.models import accuracy
@@ -27,7 +28,7 @@ _QUANT_RUN_KEYS = ("epochs",)
 
 
 def _build(node: DictConfig, drop: tuple[str, ...] = ()):
-    node = OmegaConf.to_container(node, resolve=True)
+    node = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     try:
         return instantiate({k: v for k, v in node.items() if k not in drop})
     except InstantiationException as exc:
@@ -61,10 +62,26 @@ def _write_json_atomically(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _with_output_dir(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    # paths.output_dir defaults to Hydra's run directory; the job is told it explicitly, so it also
+    # runs from a config composed outside a Hydra app (tests, notebooks).
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.update(cfg, "paths.output_dir", str(output_dir), force_add=True)
+    return cfg
+
+
+def _loggers_and_callbacks(cfg: DictConfig) -> tuple[list, list]:
+    loggers = [_build(node) for node in (cfg.get("logger") or {}).values()]
+    callbacks = [_build(node) for node in (cfg.get("callbacks") or {}).values()]
+    return loggers, callbacks
+
+
 def train(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Float baseline, then QAT from it (or PTQ of it), then int8; returns (and writes) the summary."""
+    """Float baseline, then QAT from it (or PTQ of it), then int8 and its exports; returns (and
+    writes) the summary."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    cfg = _with_output_dir(cfg, output_dir)
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = _build(cfg.data, drop=_DATA_INFO_KEYS)
     datamodule.setup("fit")
@@ -77,10 +94,14 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
         L.Trainer(**_trainer_args(cfg, cfg.float_epochs), callbacks=[quant]).fit(model, datamodule)
         return _summarize(model, quant, datamodule, output_dir, fake_quant_model=None)
 
+    loggers, callbacks = _loggers_and_callbacks(cfg)
     L.Trainer(**_trainer_args(cfg, cfg.float_epochs)).fit(model, datamodule)
     float_model = copy.deepcopy(model)
     model.hparams.lr = cfg.qat_lr
-    L.Trainer(**_trainer_args(cfg, cfg.quant.epochs), callbacks=[quant]).fit(model, datamodule)
+    args = _trainer_args(cfg, cfg.quant.epochs)
+    if loggers:
+        args["logger"] = loggers
+    L.Trainer(**args, callbacks=[quant, *callbacks]).fit(model, datamodule)
     return _summarize(float_model, quant, datamodule, output_dir, fake_quant_model=model)
 
 
@@ -89,6 +110,7 @@ def quantize(cfg: DictConfig, output_dir: str | Path) -> dict:
     batches through ``trainer.validate``, convert, evaluate on the validation set."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    cfg = _with_output_dir(cfg, output_dir)
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is not a file; pass the checkpoint to quantize")
@@ -178,9 +200,29 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         "int8_latency_ms": round(int8_latency, 3),
         "exported": {fmt: str(Path(callback.export_dir) / r["path"]) for fmt, r in callback.exported.items()},
     }
+    if "onnx" in callback.exported:
+        onnx_path = Path(callback.export_dir) / callback.exported["onnx"]["path"]
+        report = callback.exported["onnx"]
+        summary.update(
+            onnx_int8_acc=round(_onnx_accuracy(onnx_path, val), 2),
+            onnx_size_bytes=report["size_bytes"],
+            onnx_sqnr_db=report["sqnr_db"],
+            onnx_top1_agreement=report["top1_agreement"],
+        )
     _write_json_atomically(output_dir / "summary.json", summary)
     print(format_summary(summary))
     return summary
+
+
+def _onnx_accuracy(path: Path, dataloader) -> float:
+    """Top-1 accuracy of the exported file, run in ONNX Runtime (the target runtime)."""
+    from qlightning.exporters import onnx_format
+
+    correct = total = 0
+    for x, y in dataloader:
+        correct += int((torch.from_numpy(onnx_format.run(path, (x,))).argmax(1) == y).sum())
+        total += y.numel()
+    return 100.0 * correct / total
 
 
 def _trainer_args(cfg: DictConfig, epochs: int) -> dict:

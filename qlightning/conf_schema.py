@@ -1,0 +1,74 @@
+"""Structured configs for the ``quant`` group, registered in Hydra's ConfigStore.
+
+The choices are enums built from the registries, so a typo such as ``quant.observer=minmaxx`` fails
+when Hydra composes the config, naming the valid values, before any data is loaded. Each YAML in
+``conf/quant/`` starts from one of these schemas (``defaults: [qat_schema, _self_]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from qlightning.backends import available_backends
+from qlightning.callbacks.config import ACTIVATION_SCHEMES, WEIGHT_SCHEMES
+from qlightning.exporters import available_formats
+from qlightning.modes import available_modes
+from qlightning.observers import available_observers
+
+
+def _choices(name: str, values) -> type[Enum]:
+    return Enum(name, {v: v for v in values})
+
+
+Mode = _choices("Mode", available_modes())
+BackendName = _choices("BackendName", available_backends())
+ObserverName = _choices("ObserverName", available_observers())
+WeightScheme = _choices("WeightScheme", WEIGHT_SCHEMES)
+ActivationScheme = _choices("ActivationScheme", ACTIVATION_SCHEMES)
+ExportFormatName = _choices("ExportFormatName", available_formats())
+
+
+@dataclass
+class QatSchema:
+    _target_: str = "qlightning.QuantizationAwareTraining"
+    mode: Mode = Mode.pt2e
+    backend: BackendName = BackendName.x86
+    observer: ObserverName = ObserverName.moving_average_minmax
+    freeze_bn_epoch: Optional[int] = None
+    freeze_observers_epoch: Optional[int] = None
+    weight_scheme: WeightScheme = WeightScheme.per_channel_symmetric
+    activation_scheme: ActivationScheme = ActivationScheme.per_tensor_affine
+    fold_bn: bool = True
+    merge_relu: bool = True
+    export: list[ExportFormatName] = field(default_factory=lambda: [ExportFormatName.onnx])
+    export_dir: Optional[str] = None
+    # Run length of the QAT phase (read by the job, not a callback argument).
+    epochs: int = 3
+
+
+@dataclass
+class PtqSchema:
+    _target_: str = "qlightning.PostTrainingQuantization"
+    mode: Mode = Mode.pt2e
+    backend: BackendName = BackendName.x86
+    observer: ObserverName = ObserverName.histogram
+    dynamic: bool = False
+    calibration_batches: int = 32
+    weight_scheme: WeightScheme = WeightScheme.per_channel_symmetric
+    activation_scheme: ActivationScheme = ActivationScheme.per_tensor_affine
+    merge_relu: bool = True
+    export: list[ExportFormatName] = field(default_factory=lambda: [ExportFormatName.onnx])
+    export_dir: Optional[str] = None
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(group="quant", name="qat_schema", node=QatSchema)
+    store.store(group="quant", name="ptq_schema", node=PtqSchema)
+
+
+register()

@@ -1,0 +1,118 @@
+"""Hydra configs: every file composes and instantiates, typos fail at compose time, sweeps get a report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import qlightning.jobs  # noqa: F401  (registers the structured quant schemas)
+from qlightning import PostTrainingQuantization, QuantizationAwareTraining
+from qlightning.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def _compose(name="train", *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def _instantiate(node, drop=()):
+    container = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return instantiate({k: v for k, v in container.items() if k not in drop})
+
+
+@pytest.mark.parametrize("quant", sorted(p.stem for p in (CONF / "quant").glob("*.yaml")))
+def test_every_quant_config_composes_and_builds_its_callback(quant):
+    cfg = _compose("train", f"quant={quant}")
+    callback = _instantiate(cfg.quant, drop=("epochs",))
+    expected = PostTrainingQuantization if quant.startswith("ptq") else QuantizationAwareTraining
+    assert isinstance(callback, expected) and callback.mode == str(cfg.quant.mode.value)
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(group.name, p.stem) for group in sorted(CONF.iterdir()) if group.is_dir() and group.name not in ("quant", "hydra")
+     for p in sorted(group.glob("*.yaml"))],
+)
+def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
+    overrides = [f"{group}={option}", f"paths.output_dir={tmp_path}"]
+    cfg = _compose("train", *overrides)
+    if group in ("model", "trainer"):
+        assert _instantiate(cfg[group]) is not None
+    elif group == "data":
+        assert _instantiate(cfg.data, drop=("num_classes", "input_shape")) is not None
+    elif group in ("logger", "callbacks"):
+        for node in (cfg[group] or {}).values():
+            assert _instantiate(node) is not None
+    elif group == "experiment":
+        assert cfg.quant.mode.value == "fx" and cfg.data._target_.endswith("TorchvisionDataModule")
+    elif group == "hparams_search":
+        assert cfg.optimized_metric == "int8_acc"
+    elif group == "paths":
+        assert cfg.paths.output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["quantize", "export"])
+def test_the_script_configs_compose(name, tmp_path):
+    cfg = _compose(name, f"ckpt_path={tmp_path / 'x.ckpt'}")
+    assert cfg.ckpt_path.endswith("x.ckpt") and cfg.model._target_ == "qlightning.models.ImageClassifier"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("quant.observer=minmaxx", r"Invalid value 'minmaxx', expected one of \[histogram, lsq, minmax, "
+                                   r"moving_average_minmax\]"),
+        ("quant.mode=graph", r"Invalid value 'graph', expected one of \[eager, fx, pt2e\]"),
+        ("quant.backend=tpu", r"Invalid value 'tpu', expected one of \[fbgemm, onnxruntime, qnnpack, x86\]"),
+        ("quant=qat_jit", r"Could not find 'quant/qat_jit'"),
+    ],
+)
+def test_a_typo_fails_at_compose_time_naming_the_valid_values(override, message):
+    with pytest.raises(ConfigCompositionException) as raised:
+        _compose("train", override)
+    text = f"{raised.value} {raised.value.__cause__}"
+    assert __import__("re").search(message, text), text
+
+
+def test_report_from_run_summaries(tmp_path):
+    for run, (mode, acc) in enumerate([("fx", 97.5), ("pt2e", 98.0)]):
+        (tmp_path / str(run) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(run) / ".hydra" / "overrides.yaml").write_text(f"- quant.mode={mode}\n")
+        summary = {"mode": mode, "observer": "minmax", "int8_acc": acc, "int8_size_bytes": 1000 + run,
+                   "int8_latency_ms": 0.5 + run, "exported": {"onnx": "x"}}
+        (tmp_path / str(run) / "summary.json").write_text(json.dumps(summary))
+    paths = write_report(tmp_path)
+    text = paths["md"].read_text()
+    assert "quant.mode=fx" in text and "quant.mode=pt2e" in text and "Best int8 accuracy: run 1" in text
+    assert paths["csv"].read_text().count("\n") == 3 and paths["png"].read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match=r"no run with a summary.json under .*: nothing to report"):
+        write_report(tmp_path / "empty")
+
+
+def test_a_2x2_sweep_writes_a_report_listing_every_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "quant.mode=fx,pt2e",
+         "quant.observer=minmax,histogram", "float_epochs=1", "quant.epochs=1", "+trainer.limit_train_batches=3",
+         "+trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "sweep" / "report.md").read_text()
+    for mode in ("fx", "pt2e"):
+        for observer in ("minmax", "histogram"):
+            assert f"quant.mode={mode} quant.observer={observer}" in report
+    assert (tmp_path / "sweep" / "report.png").is_file()
+    rows = (tmp_path / "sweep" / "report.csv").read_text().splitlines()
+    assert len(rows) == 5 and "onnx_int8_acc" in rows[0]
+    # Each run also left its TensorBoard curves and its ONNX model.
+    assert list((tmp_path / "sweep" / "0" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "sweep" / "0" / "quantized" / "net.onnx").is_file()
