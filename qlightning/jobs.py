@@ -205,6 +205,7 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         report = callback.exported["onnx"]
         summary.update(
             onnx_int8_acc=round(_onnx_accuracy(onnx_path, val), 2),
+            onnx_latency_ms=round(_onnx_latency_ms(onnx_path, example), 3),
             onnx_size_bytes=report["size_bytes"],
             onnx_sqnr_db=report["sqnr_db"],
             onnx_top1_agreement=report["top1_agreement"],
@@ -223,6 +224,12 @@ def _onnx_accuracy(path: Path, dataloader) -> float:
         correct += int((torch.from_numpy(onnx_format.run(path, (x,))).argmax(1) == y).sum())
         total += y.numel()
     return 100.0 * correct / total
+
+
+def _onnx_latency_ms(path: Path, x) -> float:
+    from qlightning.exporters import onnx_format
+
+    return _latency_ms(lambda inputs: onnx_format.run(path, (inputs,)), x)
 
 
 def _trainer_args(cfg: DictConfig, epochs: int) -> dict:

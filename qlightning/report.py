@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Columns of the markdown table, in order (report.csv has every summary key).
 TABLE = ("run", "overrides", "method", "mode", "backend", "observer", "float_acc", "fake_quant_acc", "int8_acc",
          "onnx_int8_acc", "top1_agreement", "float_size_bytes", "int8_size_bytes", "onnx_size_bytes",
-         "float_latency_ms", "int8_latency_ms")
+         "float_latency_ms", "int8_latency_ms", "onnx_latency_ms")
 
 
 def collect_runs(multirun_dir: str | Path) -> list[dict[str, Any]]:
@@ -77,10 +77,13 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    accuracy_key = "onnx_int8_acc" if all("onnx_int8_acc" in r for r in rows) else "int8_acc"
+    # The target runtime's figures when every run exported to ONNX, else the torch int8 model's.
+    onnx = all("onnx_int8_acc" in r for r in rows)
+    accuracy_key = "onnx_int8_acc" if onnx else "int8_acc"
+    size_key, latency_key = ("onnx_size_bytes", "onnx_latency_ms") if onnx else ("int8_size_bytes", "int8_latency_ms")
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, x_key, label in ((axes[0], "int8_size_bytes", "int8 size (bytes)"),
-                               (axes[1], "int8_latency_ms", "int8 latency (ms, batch 1)")):
+    for axis, x_key, label in ((axes[0], size_key, f"{size_key} (bytes)"),
+                               (axes[1], latency_key, f"{latency_key} (batch 1)")):
         for row in rows:
             if row.get(x_key) is None or row.get(accuracy_key) is None:
                 continue

@@ -28,6 +28,9 @@ def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None
     from qlightning.modes.base import batch_of_two
 
     example_inputs = batch_of_two(example_inputs)
+    # The ONNX optimizer logs every initializer it deduplicates at INFO; Hydra apps show INFO.
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     gm = converted.graph_module
     dynamic = tuple({0: torch.export.Dim("batch")} if isinstance(x, torch.Tensor) and x.dim() else None
                     for x in example_inputs)
