@@ -92,7 +92,9 @@ def ort_latency(name: str, workdir: Path, quick: bool) -> dict:
     calibration = [torch.randn(8, 3, IMAGE, IMAGE) for _ in range(4 if quick else 16)]
 
     fp32 = workdir / f"{name}_fp32.onnx"
-    torch.onnx.export(net, (x,), fp32, dynamo=True, optimize=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    # One self-contained file, like ours (the exporter otherwise moves weights to external data).
+    torch.onnx.export(net, (x,), fp32, dynamo=True, optimize=True, external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
 
     class Reader(CalibrationDataReader):
         def __init__(self, input_name):
