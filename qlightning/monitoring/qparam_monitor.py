@@ -60,6 +60,8 @@ class QParamMonitor(Callback):
         self._drift_rows: list[dict[str, float]] = []  # one per epoch: mean drift per quantizer
         self._last_logged_step: int | None = None
         self._layout_written = False
+        self._named: dict[str, torch.nn.Module] | None = None
+        self._named_for = None
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -74,15 +76,20 @@ class QParamMonitor(Callback):
                 "same Trainer(callbacks=[QuantizationAwareTraining(...), QParamMonitor(...)])"
             )
         self._qat = qats[0]
+        self._named = None
 
     def _quantizers(self) -> dict[str, torch.nn.Module]:
+        # Found once per prepared network: walking the graph for names on every log costs more than
+        # reading the qparams.
         qat = self._qat
-        pairs = qat._impl.quantizers(qat.prepared_network)
-        names = quantizer_names(qat.prepared_network, pairs)
-        named = {}
-        for _, module in pairs:
-            named.setdefault(names[id(module)], module)
-        return named
+        if self._named is None or self._named_for is not qat.prepared_network:
+            pairs = qat._impl.quantizers(qat.prepared_network)
+            names = quantizer_names(qat.prepared_network, pairs)
+            self._named = {}
+            for _, module in pairs:
+                self._named.setdefault(names[id(module)], module)
+            self._named_for = qat.prepared_network
+        return self._named
 
     # -- per step ---------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx) -> None:
