@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import qlightning.conf_schema  # noqa: F401  (registers the quant schemas Hydra validates against)
 from qlightning.callbacks import PostTrainingQuantization
 from qlightning.errors import QuantizationConfigError
+from qlightning.exporters.atomic import write_json
 from qlightning.models import accuracy
 from qlightning.quantized_engine import quantized_engine
 
@@ -54,12 +53,6 @@ def _latency_ms(model, x, repeats: int = 30) -> float:
             model(x)
             times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _with_output_dir(cfg: DictConfig, output_dir: Path) -> DictConfig:
@@ -153,7 +146,7 @@ def export_checkpoint(cfg: DictConfig, output_dir: str | Path) -> dict:
     args["limit_train_batches"] = 0  # restore and go straight to fit end
     L.Trainer(**args, callbacks=[qat]).fit(model, datamodule, ckpt_path=str(ckpt_path))
     summary = {"ckpt_path": str(ckpt_path), "mode": qat.mode, "backend": qat.backend.name, "exported": qat.exported}
-    _write_json_atomically(output_dir / "summary.json", summary)
+    write_json(output_dir / "summary.json", summary)
     print(format_summary({f"{fmt}": f"{r['path']} ({r['size_bytes']} bytes, SQNR {r['sqnr_db']} dB, "
                           f"top-1 agreement {r['top1_agreement']})" for fmt, r in qat.exported.items()}))
     return summary
@@ -210,7 +203,7 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
             onnx_sqnr_db=report["sqnr_db"],
             onnx_top1_agreement=report["top1_agreement"],
         )
-    _write_json_atomically(output_dir / "summary.json", summary)
+    write_json(output_dir / "summary.json", summary)
     print(format_summary(summary))
     return summary
 

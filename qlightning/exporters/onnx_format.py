@@ -25,15 +25,14 @@ _PLUMBING = {
 def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
     import onnx
 
-    from qlightning.modes.base import batch_of_two
+    from qlightning.modes.base import batch_of_two, dynamic_batch
 
     example_inputs = batch_of_two(example_inputs)
     # The ONNX optimizer logs every initializer it deduplicates at INFO; Hydra apps show INFO.
     for name in ("onnx_ir", "onnxscript"):
         logging.getLogger(name).setLevel(logging.WARNING)
     gm = converted.graph_module
-    dynamic = tuple({0: torch.export.Dim("batch")} if isinstance(x, torch.Tensor) and x.dim() else None
-                    for x in example_inputs)
+    dynamic = dynamic_batch(example_inputs, torch.export.Dim("batch"))
     program = torch.export.export(gm, example_inputs, dynamic_shapes=dynamic)
     onnx_program = torch.onnx.export(program, example_inputs, dynamo=True, optimize=True, verbose=False)
     model = onnx_program.model_proto

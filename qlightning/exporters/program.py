@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qlightning.errors import QuantizationConfigError
+from qlightning.passes.graph import is_fake_quantize
 
 _QDQ_NAMESPACE = "quantized_decomposed"
 
@@ -71,7 +72,7 @@ def exportable_program(model: nn.Module, example_inputs: tuple) -> ExportablePro
     if gm is not None and _has_quantizers(gm, "torchao"):
         reference = _frozen_copy(model)
         prepared = reference if isinstance(reference, ExportedNetwork) else ExportedNetwork(reference, True)
-        observers_only = not any(hasattr(m, "fake_quant_enabled") for m in prepared.modules())
+        observers_only = not any(is_fake_quantize(m) for m in prepared.modules())
         return ExportableProgram(Pt2eMode().convert(prepared, None), prepared, "pt2e", observers_only)
     if _has_quantizers(model, "torch.ao"):
         from qlightning.passes.to_pt2e import ao_to_pt2e
@@ -79,7 +80,7 @@ def exportable_program(model: nn.Module, example_inputs: tuple) -> ExportablePro
         reference = _frozen_copy(model)
         mode = "fx" if isinstance(model, torch.fx.GraphModule) else "eager"
         program = ao_to_pt2e(reference, example_inputs)
-        observers_only = not any(hasattr(m, "fake_quant_enabled") for m in reference.modules())
+        observers_only = not any(is_fake_quantize(m) for m in reference.modules())
         # Calibration observers do not fake-quantize: the carried-over program (whose observers do)
         # is the faithful torch reference then.
         return ExportableProgram(

@@ -10,11 +10,10 @@ import torch
 
 
 def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
-    from qlightning.modes.base import batch_of_two
+    from qlightning.modes.base import batch_of_two, dynamic_batch
 
     example_inputs = batch_of_two(example_inputs)
-    dynamic = tuple({0: torch.export.Dim("batch")} if isinstance(x, torch.Tensor) and x.dim() else None
-                    for x in example_inputs)
+    dynamic = dynamic_batch(example_inputs, torch.export.Dim("batch"))
     program = torch.export.export(converted.graph_module, example_inputs, dynamic_shapes=dynamic)
     with open(path, "wb") as f:
         torch.export.save(program, f)

@@ -129,18 +129,17 @@ class QuantMode(ABC):
 
 def unobserved_quantizers(model: nn.Module) -> list[str]:
     """Names of the min/max-based quantizers whose observer has never seen a tensor."""
-    from qlightning.passes.graph import is_quantizer
+    from qlightning.passes.graph import is_fake_quantize, is_learnable, is_quantizer
 
     quantizers = [(name, m) for name, m in model.named_modules() if is_quantizer(m)]
-    owned = {id(m.activation_post_process) for _, m in quantizers if hasattr(m, "fake_quant_enabled")}
+    owned = {id(m.activation_post_process) for _, m in quantizers if is_fake_quantize(m)}
     names = []
     for name, module in quantizers:
         if id(module) in owned:
             continue  # the observer inside a fake-quantize module: judged through its owner
         observer = getattr(module, "activation_post_process", module)
         min_val = getattr(observer, "min_val", None)
-        learnable = any(isinstance(p, nn.Parameter) for p in module.parameters(recurse=False))
-        if not isinstance(min_val, torch.Tensor) or learnable:
+        if not isinstance(min_val, torch.Tensor) or is_learnable(module):
             continue  # fixed-qparams, placeholder (dynamic) and learnable quantizers have no statistics
         if min_val.numel() == 0 or bool(torch.isinf(min_val).all()):
             names.append(name)
@@ -168,6 +167,11 @@ def describe_failure(exc: BaseException) -> str:
     first_line = message.splitlines()[0] if message else type(exc).__name__
     summary = f"`{location}`" if location else "unknown"
     return f"{summary} ({type(exc).__name__}: {first_line[:300]})"
+
+
+def dynamic_batch(example_inputs: tuple, dim) -> tuple:
+    """``torch.export`` dynamic_shapes making dimension 0 of every tensor input ``dim``."""
+    return tuple({0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs)
 
 
 def batch_of_two(example_inputs: tuple) -> tuple:

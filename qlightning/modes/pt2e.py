@@ -13,7 +13,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, 
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
 from qlightning.backends import Backend
-from qlightning.modes.base import QuantMode, batch_of_two
+from qlightning.modes.base import QuantMode, batch_of_two, dynamic_batch
 from qlightning.modes.pt2e_dynamic import DynamicLinearRnnQuantizer, dynamic_activation_spec, observer_spec
 from qlightning.observers import get_observer
 from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn
@@ -110,9 +110,7 @@ def quantization_config(recipe: QuantRecipe, qat: bool) -> QuantizationConfig:
 
 def export_network(network: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
     example_inputs = batch_of_two(example_inputs)
-    dynamic_shapes = tuple(
-        {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in example_inputs
-    )
+    dynamic_shapes = dynamic_batch(example_inputs, torch.export.Dim.AUTO)
     return torch.export.export(network, example_inputs, dynamic_shapes=dynamic_shapes).module()
 
 

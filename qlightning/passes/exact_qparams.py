@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torchao.quantization.pt2e.observer import ObserverBase
 
-from qlightning.passes.graph import quantizer_node
+from qlightning.passes.graph import is_fake_quantize, is_learnable, quantizer_node
 
 _DTYPES = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.uint8: torch.uint8, torch.int8: torch.int8}
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
@@ -49,14 +49,9 @@ class ExactQParamsObserver(ObserverBase):
         return f"dtype={self.dtype}, qscheme={self.qscheme}, range=[{self.quant_min}, {self.quant_max}]"
 
 
-def _is_fake_quantize(module: nn.Module) -> bool:
-    return hasattr(module, "fake_quant_enabled")
-
-
 def current_qparams(quantizer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The (scale, zero_point) a quantizer applies now."""
-    learnable = any(isinstance(p, nn.Parameter) for p in quantizer.parameters(recurse=False))
-    if _is_fake_quantize(quantizer) and not learnable:
+    if is_fake_quantize(quantizer) and not is_learnable(quantizer):
         # The buffers are what forward() used: with frozen observers they may differ from what the
         # observer would compute now.
         return quantizer.scale, quantizer.zero_point
@@ -92,7 +87,7 @@ def simulating_quantization(gm: fx.GraphModule):
     for node in gm.graph.nodes:
         if quantizer_node(gm, node):
             module = gm.get_submodule(node.target)
-            if not _is_fake_quantize(module) and not isinstance(module, ExactQParamsObserver):
+            if not is_fake_quantize(module) and not isinstance(module, ExactQParamsObserver):
                 parent_name, _, attr = node.target.rpartition(".")
                 parent = gm.get_submodule(parent_name)
                 swapped.append((parent, attr, module))

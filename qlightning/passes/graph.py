@@ -42,6 +42,16 @@ def is_quantizer(module) -> bool:
     return isinstance(module, _QUANTIZERS)
 
 
+def is_fake_quantize(module) -> bool:
+    """Fake-quantizers (torch.ao and torchao) quantize in forward; plain observers only watch."""
+    return hasattr(module, "fake_quant_enabled")
+
+
+def is_learnable(module) -> bool:
+    """LSQ-style quantizers hold their scale / zero point as trained parameters."""
+    return any(isinstance(p, nn.Parameter) for p in module.parameters(recurse=False))
+
+
 def quantizer_node(gm: fx.GraphModule, node) -> bool:
     return (
         isinstance(node, fx.Node)

@@ -26,7 +26,7 @@ import logging
 import torch
 from torch import fx, nn
 
-from qlightning.passes.graph import clamp_range, erase, quantizer_node, single_user, unique_name
+from qlightning.passes.graph import clamp_range, erase, is_fake_quantize, is_learnable, quantizer_node, single_user, unique_name
 from qlightning.passes.verify import check_close, run
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def _observer_of(quantizer: nn.Module) -> nn.Module:
 
 def _mergeable(quantizer: nn.Module) -> bool:
     obs = _observer_of(quantizer)
-    learnable = any(isinstance(p, nn.Parameter) for p in quantizer.parameters(recurse=False))
+    learnable = is_learnable(quantizer)
     per_tensor = getattr(obs, "qscheme", None) in (torch.per_tensor_affine, torch.per_tensor_symmetric)
     return not learnable and per_tensor and hasattr(obs, "min_val") and obs.min_val.numel() == 1
 
@@ -93,7 +93,7 @@ def saturation_implements(quantizer: nn.Module, lo: float, hi: float) -> bool:
     observer is identity until conversion, and the graph must keep computing the same function)
     and its representable range ends within half a step of the clamp bounds, so
     clamp-then-quantize == quantize."""
-    if not hasattr(quantizer, "fake_quant_enabled"):
+    if not is_fake_quantize(quantizer):
         return False
     scale, zero_point = _qparams(quantizer)
     obs = _observer_of(quantizer)
