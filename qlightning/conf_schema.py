@@ -33,36 +33,35 @@ ExportFormatName = _choices("ExportFormatName", available_formats())
 
 
 @dataclass
-class QatSchema:
-    _target_: str = "qlightning.QuantizationAwareTraining"
+class _QuantSchema:
+    """Fields both callbacks take."""
+
     mode: Mode = Mode.pt2e
     backend: BackendName = BackendName.x86
-    observer: ObserverName = ObserverName.moving_average_minmax
-    freeze_bn_epoch: Optional[int] = None
-    freeze_observers_epoch: Optional[int] = None
     weight_scheme: WeightScheme = WeightScheme.per_channel_symmetric
     activation_scheme: ActivationScheme = ActivationScheme.per_tensor_affine
-    fold_bn: bool = True
     merge_relu: bool = True
     export: list[ExportFormatName] = field(default_factory=lambda: [ExportFormatName.onnx])
     export_dir: Optional[str] = None
+
+
+@dataclass
+class QatSchema(_QuantSchema):
+    _target_: str = "qlightning.QuantizationAwareTraining"
+    observer: ObserverName = ObserverName.moving_average_minmax
+    freeze_bn_epoch: Optional[int] = None
+    freeze_observers_epoch: Optional[int] = None
+    fold_bn: bool = True
     # Run length of the QAT phase (read by the job, not a callback argument).
     epochs: int = 3
 
 
 @dataclass
-class PtqSchema:
+class PtqSchema(_QuantSchema):
     _target_: str = "qlightning.PostTrainingQuantization"
-    mode: Mode = Mode.pt2e
-    backend: BackendName = BackendName.x86
     observer: ObserverName = ObserverName.histogram
     dynamic: bool = False
     calibration_batches: int = 32
-    weight_scheme: WeightScheme = WeightScheme.per_channel_symmetric
-    activation_scheme: ActivationScheme = ActivationScheme.per_tensor_affine
-    merge_relu: bool = True
-    export: list[ExportFormatName] = field(default_factory=lambda: [ExportFormatName.onnx])
-    export_dir: Optional[str] = None
 
 
 def register() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlightning.errors import unknown_choice
+from qlightning.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -23,25 +23,19 @@ class ObserverChoice:
     description: str = ""
 
 
-_OBSERVERS: dict[str, ObserverChoice] = {}
+_OBSERVERS: Registry[ObserverChoice] = Registry("observer")
 
 
 def register_observer(choice: ObserverChoice) -> ObserverChoice:
-    if choice.name in _OBSERVERS:
-        raise ValueError(f"observer {choice.name!r} is already registered")
-    _OBSERVERS[choice.name] = choice
-    return choice
+    return _OBSERVERS.register(choice)
 
 
 def get_observer(name: str) -> ObserverChoice:
-    try:
-        return _OBSERVERS[name]
-    except KeyError:
-        raise unknown_choice("observer", name, _OBSERVERS) from None
+    return _OBSERVERS.get(name)
 
 
 def available_observers() -> list[str]:
-    return sorted(_OBSERVERS)
+    return _OBSERVERS.names()
 
 
 register_observer(

@@ -350,22 +350,30 @@ def test_fx_qat_to_pt2e_keeps_the_trained_qparams(observer, backend):
     _check_pt2e_equals(prepared, backend, _inputs(), _output_step(prepared))
 
 
+def _observer_qparams(model) -> set[tuple[float, int]]:
+    """(scale, zero point) of every calibration observer of an eager/FX model."""
+    return {
+        (round(float(s), 9), int(z))
+        for s, z in (m.calculate_qparams() for m in model.modules() if isinstance(m, tq.MinMaxObserver))
+    }
+
+
+def _quantize_op_qparams(converted) -> set[tuple[float, int]]:
+    """(scale, zero point) of every per-tensor quantize op of a converted PT2E program."""
+    return {
+        (round(float(n.args[1]), 9), int(n.args[2]))
+        for n in converted.graph_module.graph.nodes
+        if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default
+    }
+
+
 def test_fx_ptq_and_post_processed_fx_to_pt2e():
     impl, backend, observed = _trained("fx", PassNet(), observer="minmax", ptq=True)
     x = _inputs()
     program = ao_to_pt2e(observed, x)
     converted = get_mode("pt2e").convert(program, backend)
     # Every activation is quantized with exactly the calibration observers' qparams ...
-    fx_qparams = {
-        (round(float(s), 9), int(z))
-        for s, z in (m.calculate_qparams() for m in observed.modules() if isinstance(m, tq.MinMaxObserver))
-    }
-    pt2e_qparams = {
-        (round(float(n.args[1]), 9), int(n.args[2]))
-        for n in converted.graph_module.graph.nodes
-        if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default
-    }
-    assert pt2e_qparams == fx_qparams
+    assert _quantize_op_qparams(converted) == _observer_qparams(observed)
     # ... the weights, which torch.ao only quantizes at conversion, are int8 too ...
     assert sum(v.dtype == torch.int8 for v in converted.graph_module.buffers()) == 5
     # ... and the converted program computes what the carried-over fake-quantized program does.
@@ -391,16 +399,7 @@ def test_eager_to_pt2e_keeps_the_trained_qparams(ptq):
         # Calibration observers do not fake-quantize: check that the PT2E program quantizes every
         # activation with exactly the eager observers' qparams, and runs like the eager int8 model.
         converted = get_mode("pt2e").convert(ao_to_pt2e(prepared, x), backend)
-        eager_qparams = {
-            (round(float(s), 9), int(z))
-            for s, z in (m.calculate_qparams() for m in prepared.modules() if isinstance(m, tq.MinMaxObserver))
-        }
-        pt2e_qparams = {
-            (round(float(n.args[1]), 9), int(n.args[2]))
-            for n in converted.graph_module.graph.nodes
-            if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default
-        }
-        assert pt2e_qparams == eager_qparams
+        assert _quantize_op_qparams(converted) == _observer_qparams(prepared)
         with quantized_engine("x86"), torch.no_grad():
             reference = impl.convert(prepared, backend)(*x)
             # Different int8 kernels round the requantization differently: a few output steps.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from qlightning.errors import unknown_choice
+from qlightning.registry import Registry
 from qlightning.spec import TensorQuantSpec
 
 ALL_MODES = frozenset({"eager", "fx", "pt2e"})
@@ -32,25 +32,19 @@ class Backend:
     description: str = ""
 
 
-_BACKENDS: dict[str, Backend] = {}
+_BACKENDS: Registry[Backend] = Registry("backend")
 
 
 def register_backend(backend: Backend) -> Backend:
-    if backend.name in _BACKENDS:
-        raise ValueError(f"backend {backend.name!r} is already registered")
-    _BACKENDS[backend.name] = backend
-    return backend
+    return _BACKENDS.register(backend)
 
 
 def get_backend(name: str) -> Backend:
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise unknown_choice("backend", name, _BACKENDS) from None
+    return _BACKENDS.get(name)
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return _BACKENDS.names()
 
 
 def fx_backend_config(module: str, function: str) -> Callable[[], Any]:

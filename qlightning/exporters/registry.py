@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from qlightning.errors import unknown_choice
+from qlightning.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -29,25 +29,19 @@ class ExportFormat:
         return importlib.import_module(self.module)
 
 
-_FORMATS: dict[str, ExportFormat] = {}
+_FORMATS: Registry[ExportFormat] = Registry("export format")
 
 
 def register_format(fmt: ExportFormat) -> ExportFormat:
-    if fmt.name in _FORMATS:
-        raise ValueError(f"export format {fmt.name!r} is already registered")
-    _FORMATS[fmt.name] = fmt
-    return fmt
+    return _FORMATS.register(fmt)
 
 
 def get_format(name: str) -> ExportFormat:
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise unknown_choice("export format", name, _FORMATS) from None
+    return _FORMATS.get(name)
 
 
 def available_formats() -> list[str]:
-    return sorted(_FORMATS)
+    return _FORMATS.names()
 
 
 register_format(ExportFormat("onnx", ".onnx", "qlightning.exporters.onnx_format", "onnxruntime",

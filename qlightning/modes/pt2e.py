@@ -14,7 +14,12 @@ from torchao.quantization.pt2e.quantizer import QuantizationConfig, Quantization
 
 from qlightning.backends import Backend
 from qlightning.modes.base import QuantMode, batch_of_two, dynamic_batch
-from qlightning.modes.pt2e_dynamic import DynamicLinearRnnQuantizer, dynamic_activation_spec, observer_spec
+from qlightning.modes.pt2e_dynamic import (
+    DynamicLinearRnnQuantizer,
+    dynamic_activation_spec,
+    observer_spec,
+    static_spec,
+)
 from qlightning.observers import get_observer
 from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn
 from qlightning.spec import QuantRecipe, TensorQuantSpec
@@ -89,15 +94,7 @@ def quantization_spec(
         ctor = ao_pt2e.FusedMovingAvgObsFakeQuantize.with_args(observer=observer, eps=spec.eps)
     else:
         ctor = ao_pt2e.FakeQuantize.with_args(observer=observer, eps=spec.eps)
-    return QuantizationSpec(
-        dtype=torch.uint8 if spec.dtype == "uint8" else torch.int8,
-        quant_min=spec.quant_min,
-        quant_max=spec.quant_max,
-        qscheme=spec.qscheme,
-        ch_axis=spec.ch_axis if spec.per_channel else None,
-        is_dynamic=False,
-        observer_or_fake_quant_ctr=ctor,
-    )
+    return static_spec(spec, ctor)
 
 
 def quantization_config(recipe: QuantRecipe, qat: bool) -> QuantizationConfig:

@@ -31,7 +31,9 @@ def dynamic_activation_spec(spec: TensorQuantSpec) -> QuantizationSpec:
     )
 
 
-def observer_spec(spec: TensorQuantSpec, observer_name: str) -> QuantizationSpec:
+def static_spec(spec: TensorQuantSpec, observer_or_fake_quant_ctr) -> QuantizationSpec:
+    """A torchao QuantizationSpec for ``spec``'s integer range and scheme, observed by the given
+    observer / fake-quantize constructor."""
     return QuantizationSpec(
         dtype=torch.uint8 if spec.dtype == "uint8" else torch.int8,
         quant_min=spec.quant_min,
@@ -39,8 +41,12 @@ def observer_spec(spec: TensorQuantSpec, observer_name: str) -> QuantizationSpec
         qscheme=spec.qscheme,
         ch_axis=spec.ch_axis if spec.per_channel else None,
         is_dynamic=False,
-        observer_or_fake_quant_ctr=getattr(ao_observer, observer_name).with_args(eps=spec.eps),
+        observer_or_fake_quant_ctr=observer_or_fake_quant_ctr,
     )
+
+
+def observer_spec(spec: TensorQuantSpec, observer_name: str) -> QuantizationSpec:
+    return static_spec(spec, getattr(ao_observer, observer_name).with_args(eps=spec.eps))
 
 
 class DynamicLinearRnnQuantizer(Quantizer):
