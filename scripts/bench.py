@@ -39,18 +39,15 @@ IMAGE = 64
 
 
 def cpu_flags() -> dict:
-    flags = set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"model": model, "avx512_vnni": "avx512_vnni" in flags, "avx_vnni": "avx_vnni" in flags,
-            "amx": any(f.startswith("amx") for f in flags), "cores_visible": torch.get_num_threads()}
+        lines = []
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines) if value}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", platform.processor()), "avx512_vnni": "avx512_vnni" in flags,
+            "avx_vnni": "avx_vnni" in flags, "amx": any(f.startswith("amx") for f in flags),
+            "cores_visible": torch.get_num_threads()}
 
 
 def _session(path: Path, threads: int = 2):
