@@ -57,6 +57,10 @@ def _session(path: Path, threads: int = 2):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Each session owns a thread pool whose workers spin after every run; with three sessions
+    # interleaved on two cores the spinning pools of the idle sessions steal the running one's CPU,
+    # so whichever session ran second looked slower (ratios swung 0.85-1.19 between runs).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -230,7 +234,9 @@ def qat_step_over_float(quick: bool) -> dict:
 def qat_epoch_over_handwritten_torchao(quick: bool) -> dict:
     """A QAT epoch through Lightning + QuantizationAwareTraining vs the same PT2E QAT written by hand
     with torchao (export, prepare_qat_pt2e with the same quantizer config, a plain loop), same
-    network, batches and optimizer. Alternated, medians of epoch times."""
+    network, batches and optimizer. A third side, the hand-prepared torchao network trained by the
+    same Lightning loop without qlightning, splits the gap into Lightning's own per-step cost and
+    the callback's. Sides alternate; medians of epoch times."""
     import lightning as L
 
     from qlightning import QuantizationAwareTraining
@@ -240,33 +246,41 @@ def qat_epoch_over_handwritten_torchao(quick: bool) -> dict:
     from qlightning.modes.pt2e import ExportedNetwork, export_network, quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    datamodule = DigitsDataModule(batch_size=32)
+    datamodule = DigitsDataModule(batch_size=64)  # the default job's batch size
     datamodule.setup()
     epochs = 3 if quick else 5
-    lightning_epochs, handwritten_epochs = [], []
+    epoch_times: dict[str, list[float]] = {"qlightning": [], "plain_lightning": [], "handwritten": []}
 
     class EpochTimer(L.Callback):
+        def __init__(self, side: str):
+            self.side = side
+
         def on_train_epoch_start(self, *args):
             self.start = time.perf_counter()
 
         def on_train_epoch_end(self, *args):
-            lightning_epochs.append(time.perf_counter() - self.start)
+            epoch_times[self.side].append(time.perf_counter() - self.start)
+
+    def hand_prepared() -> torch.nn.Module:
+        backend, recipe = build_recipe("pt2e", "x86", "moving_average_minmax", "per_channel_symmetric",
+                                       "per_tensor_affine")
+        quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=True))
+        return ExportedNetwork(prepare_qat_pt2e(export_network(SmallCNN().train(), (torch.rand(2, 1, 8, 8),)), quantizer))
+
+    def lightning_fit(side: str, network: torch.nn.Module, callbacks: list) -> None:
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, callbacks=callbacks + [EpochTimer(side)])
+        trainer.fit(ImageClassifier(network, lr=1e-3), datamodule)
 
     for repeat in range(2 if quick else 3):
         L.seed_everything(repeat, verbose=False)
-        model = ImageClassifier(SmallCNN(), lr=1e-3)
-        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, callbacks=[QuantizationAwareTraining("pt2e", "x86"), EpochTimer()])
-        trainer.fit(model, datamodule)
+        lightning_fit("qlightning", SmallCNN(), [QuantizationAwareTraining("pt2e", "x86")])
+        L.seed_everything(repeat, verbose=False)
+        lightning_fit("plain_lightning", hand_prepared(), [])
 
         L.seed_everything(repeat, verbose=False)
-        net = SmallCNN()
-        backend, recipe = build_recipe("pt2e", "x86", "moving_average_minmax", "per_channel_symmetric",
-                                       "per_tensor_affine")
-        example = (torch.rand(2, 1, 8, 8),)
-        prepared = ExportedNetwork(prepare_qat_pt2e(export_network(net.train(), example),
-                                                    backend.pt2e_quantizer(quantization_config(recipe, qat=True))))
+        prepared = hand_prepared()
         optimizer = torch.optim.Adam(prepared.parameters(), lr=1e-3)
         loader = datamodule.train_dataloader()
         for epoch in range(epochs):
@@ -276,11 +290,14 @@ def qat_epoch_over_handwritten_torchao(quick: bool) -> dict:
                 optimizer.zero_grad()
                 torch.nn.functional.cross_entropy(prepared(x), y).backward()
                 optimizer.step()
-            handwritten_epochs.append(time.perf_counter() - start)
-    lightning_median = statistics.median(lightning_epochs[1:])  # first epoch includes warm-up
-    handwritten_median = statistics.median(handwritten_epochs[1:])
-    return {"ratio": round(lightning_median / handwritten_median, 3),
-            "epoch_ms": {"qlightning": round(1000 * lightning_median, 1), "handwritten": round(1000 * handwritten_median, 1)}}
+            epoch_times["handwritten"].append(time.perf_counter() - start)
+    # Each fit's first epoch includes warm-up: drop it.
+    medians = {side: statistics.median(t for i, t in enumerate(times) if i % epochs) for side, times in epoch_times.items()}
+    return {"ratio": round(medians["qlightning"] / medians["handwritten"], 3),
+            "qlightning_over_plain_lightning": round(medians["qlightning"] / medians["plain_lightning"], 3),
+            "plain_lightning_over_handwritten": round(medians["plain_lightning"] / medians["handwritten"], 3),
+            "steps_per_epoch": len(datamodule.train_dataloader()),
+            "epoch_ms": {side: round(1000 * m, 1) for side, m in medians.items()}}
 
 
 def default_job_figures(workdir: Path) -> dict:

@@ -150,8 +150,47 @@ def test_fold_bn_that_would_change_outputs_raises_and_restores(monkeypatch):
     assert prepared.conv1 is original
 
 
+def _conv_output_divisions(gm) -> int:
+    return sum(n.target == aten.div.Tensor and getattr(n.args[0], "target", None) == aten.conv2d.default for n in gm.graph.nodes)
+
+
+def test_unscale_by_reciprocal_keeps_values_and_gradients():
+    """The QAT-step speed-up rewrites torchao's ``conv / s`` as ``conv * reciprocal(s)``: the forward
+    and every gradient (weights, BN gamma/beta) stay those of torchao's graph."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from qlightning.modes.pt2e import export_network, quantization_config
+    from qlightning.passes import unscale_by_reciprocal
+
+    backend, recipe = build_recipe("pt2e", "x86", "moving_average_minmax", "per_channel_symmetric",
+                                   "per_tensor_affine")
+    torch.manual_seed(0)
+    network, x = SmallCNN(), torch.rand(8, 1, 8, 8)
+    graphs = []
+    for _ in range(2):
+        quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=True))
+        graphs.append(prepare_qat_pt2e(export_network(network.train(), (x,)), quantizer))
+    original, rewritten = graphs
+    assert unscale_by_reciprocal(rewritten) == 2  # SmallCNN's two conv-bn pairs
+    assert unscale_by_reciprocal(rewritten) == 0  # idempotent
+    assert _conv_output_divisions(original) == 2 and _conv_output_divisions(rewritten) == 0
+    outputs = []
+    for gm in (original, rewritten):
+        out = gm(x)
+        out.square().sum().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    grads = [{n: p.grad for n, p in gm.named_parameters()} for gm in graphs]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= 8
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_pt2e_conversion_leaves_no_batchnorm():
     impl, backend, prepared = _trained("pt2e", SmallCNN())
+    # QAT preparation uses the reciprocal form; conversion still folds every conv-bn pair.
+    prepared_targets = [n.target for n in prepared.graph_module.graph.nodes]
+    assert aten.reciprocal.default in prepared_targets and _conv_output_divisions(prepared.graph_module) == 0
     converted = impl.convert(prepared, backend)
     targets = {n.target for n in converted.graph_module.graph.nodes}
     assert not any("batch_norm" in str(t) for t in targets)

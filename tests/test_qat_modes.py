@@ -45,6 +45,19 @@ def _changed(a, b):
     return [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_batchnorm_keeps_training_after_validation(mode, classifier, digits):
+    """Lightning restores the train mode after validation by assigning ``module.training``; the
+    prepared network must still train its BatchNorm afterwards (PT2E graphs once stayed in eval)."""
+    qat = QuantizationAwareTraining(mode, "x86")
+    recorder = _Recorder(qat)
+    trainer = L.Trainer(**trainer_kwargs(max_epochs=2, num_sanity_val_steps=1, callbacks=[qat, recorder]))
+    trainer.fit(classifier, digits)
+    for phase, epoch, _, bn_start in recorder.snapshots[::2]:
+        bn_end = next(bn for p, e, _, bn in recorder.snapshots if p == "end" and e == epoch)
+        assert bn_start and _changed(bn_start, bn_end), f"BatchNorm statistics did not update in epoch {epoch}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_qat_trains_freezes_on_schedule_and_converts(mode, backend, classifier, digits):

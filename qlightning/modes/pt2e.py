@@ -21,7 +21,7 @@ from qlightning.modes.pt2e_dynamic import (
     static_spec,
 )
 from qlightning.observers import get_observer
-from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn
+from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn, unscale_by_reciprocal
 from qlightning.spec import QuantRecipe, TensorQuantSpec
 
 aten = torch.ops.aten
@@ -59,6 +59,11 @@ class ExportedNetwork(nn.Module):
 
     Frozen BatchNorm stays in eval behaviour through ``train()``; dropout follows the mode. An
     ``inference_only`` network (a converted int8 graph) keeps eval behaviour whatever the mode.
+
+    The graph's behaviour is synchronised with ``self.training`` at every forward, not only in
+    ``train()``: Lightning restores the mode after validation by assigning ``module.training``
+    directly, and a graph switched only in ``train()`` stayed in eval behaviour for the rest of fit
+    (BatchNorm never updated its statistics during PT2E QAT).
     """
 
     def __init__(self, graph_module: torch.fx.GraphModule, inference_only: bool = False):
@@ -66,19 +71,26 @@ class ExportedNetwork(nn.Module):
         self.graph_module = graph_module
         self.inference_only = inference_only
         self.bn_frozen = False
+        self._graph_behaviour: tuple[bool, bool] | None = None  # (batchnorm, dropout) training flags in the graph
         self.train(not inference_only)
 
     def forward(self, *args):
+        self._sync_graph_behaviour()
         return self.graph_module(*args)
 
     def train(self, mode: bool = True):
         # torchao makes ``train()`` on the exported graph raise; the flag itself is harmless to set.
         for module in self.modules():
             module.training = mode
-        training = mode and not self.inference_only
-        set_exported_training(self.graph_module, batchnorm=training and not self.bn_frozen, dropout=training)
+        self._sync_graph_behaviour()
         return self
 
+    def _sync_graph_behaviour(self) -> None:
+        training = self.training and not self.inference_only
+        wanted = (training and not self.bn_frozen, training)
+        if wanted != self._graph_behaviour:
+            set_exported_training(self.graph_module, batchnorm=wanted[0], dropout=wanted[1])
+            self._graph_behaviour = wanted
 
 
 def quantization_spec(
@@ -141,7 +153,9 @@ class Pt2eMode(QuantMode):
 
     def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
         quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=True))
-        prepared = ExportedNetwork(prepare_qat_pt2e(self._export(network.train(), example_inputs), quantizer))
+        graph_module = prepare_qat_pt2e(self._export(network.train(), example_inputs), quantizer)
+        unscale_by_reciprocal(graph_module)
+        prepared = ExportedNetwork(graph_module)
         if get_observer(recipe.observer).learnable:
             # LearnableFakeQuantize creates its scale parameters on first use: do it now, in eval
             # (BN statistics untouched), so the optimizer made after setup sees and trains them.
@@ -226,7 +240,7 @@ class Pt2eMode(QuantMode):
 
     def freeze_bn(self, prepared: ExportedNetwork):
         prepared.bn_frozen = True
-        prepared.train(prepared.training)
+        prepared.train(prepared.training)  # applies the frozen BN to the graph now, not at the next forward
 
     def bn_modules_or_nodes(self, prepared: ExportedNetwork):
         return batchnorm_nodes(prepared.graph_module)

@@ -18,6 +18,7 @@ import importlib
 _EXPORTS = {
     "fold_bn": "qlightning.passes.fold_qat_bn",
     "fold_qat_conv_bn": "qlightning.passes.pt2e_fold_bn",
+    "unscale_by_reciprocal": "qlightning.passes.pt2e_fold_bn",
     "merge_relu_clamp": "qlightning.passes.merge_clamp",
     "unshare_clamp_observers": "qlightning.passes.unshare_observers",
     "share_split_qparams": "qlightning.passes.share_split",
