@@ -75,6 +75,11 @@ def qparams_from_range(min_val: float, max_val: float, spec: TensorQuantSpec) ->
         # The centre of an unsigned range, as PyTorch computes it for an explicit quant range.
         zero_point = 0 if spec.dtype == "int8" else (qmin + qmax) // 2
         return float(scale), zero_point
-    scale = max((hi - lo) / f32(qmax - qmin), eps)
+    with np.errstate(over="ignore"):
+        width = hi - lo
+    if not np.isfinite(width):  # a range wider than float32's largest value: halve both ends first
+        scale = max((hi / f32(2) - lo / f32(2)) / (f32(qmax - qmin) / f32(2)), eps)
+    else:
+        scale = max(width / f32(qmax - qmin), eps)
     zero_point = int(np.clip(qmin - np.round(lo / scale), qmin, qmax))
     return float(scale), zero_point

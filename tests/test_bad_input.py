@@ -1,5 +1,6 @@
 """Bad input fails early, says what was wrong and what is allowed, and spends no training step."""
 
+import math
 import lightning as L
 import pytest
 import torch
@@ -159,3 +160,22 @@ def test_eager_fusion_found_automatically_and_overridable():
     prepared = EagerMode().prepare_qat(SmallCNN(), (torch.rand(2, 1, 8, 8),), qat.recipe, get_backend("x86"),
                                        modules_to_fuse=[["conv1", "bn1"]])
     assert type(prepared.net.conv1).__name__ == "ConvBn2d" and type(prepared.net.conv2).__name__ == "Conv2d"
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx", "pt2e"])
+@pytest.mark.parametrize("poison", [3e38, math.nan], ids=["overflow", "nan"])
+def test_quantizers_that_saw_nan_or_overflowing_values_are_named_before_conversion(mode, poison):
+    from qlightning.callbacks.config import build_recipe
+    from qlightning.modes.registry import get_mode
+
+    backend, recipe = build_recipe(mode, "x86", "minmax", "per_channel_symmetric", "per_tensor_affine")
+    impl = get_mode(mode)
+    example = (torch.rand(2, 1, 8, 8),)
+    prepared = impl.prepare_ptq(SmallCNN(), example, recipe, backend)
+    with torch.no_grad():
+        prepared(torch.rand(4, 1, 8, 8))
+        prepared(torch.full((4, 1, 8, 8), poison))  # 3e38: max - min overflows; the convs give NaN
+        prepared(torch.full((4, 1, 8, 8), -poison))
+    with pytest.raises(QuantizationConfigError, match=r"quantizers observed NaN/inf values or a range too wide for "
+                                                      r"float32 \(.*\): their scale would be NaN or inf"):
+        impl.finalize(prepared, example)

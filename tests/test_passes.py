@@ -273,6 +273,32 @@ def test_merge_relu_clamp_narrows_qparams_and_keeps_outputs():
     assert (int8 - after).abs().max() <= 4 * step
 
 
+class DeadClampNet(nn.Module):
+    """A clamp whose input never reaches its range (always below 0): its output is exactly 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.fc1(x.flatten(1)).sigmoid() - 2.0  # in (-2, -1)
+        return self.fc2(torch.clamp(y, 0.0, 4.0))
+
+
+@pytest.mark.parametrize("mode", ["fx", "pt2e"])
+def test_merge_relu_clamp_of_a_clamp_its_input_never_reaches(mode):
+    impl, backend, prepared = _trained(mode, DeadClampNet(), backend="onnxruntime")
+    gm = prepared.graph_module if mode == "pt2e" else prepared
+    x = _inputs()
+    with torch.no_grad():
+        before = prepared(*x)
+    assert merge_relu_clamp(gm, x) == 1
+    with torch.no_grad():
+        after = prepared(*x)
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
 def test_merge_relu_clamp_with_unshared_observers_drops_the_redundant_one():
     backend = get_backend("x86")
     config = unshare_clamp_observers(backend.fx_backend_config())

@@ -45,6 +45,32 @@ def _changed(a, b):
     return [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
 
 
+class _ValidationRecorder(Callback):
+    def __init__(self, qat):
+        self.qat, self.pairs = qat, []
+
+    def on_validation_start(self, trainer, pl_module):
+        self.before = _quantizer_state(self.qat)
+
+    def on_validation_end(self, trainer, pl_module):
+        self.pairs.append((self.before, _quantizer_state(self.qat)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_validation_does_not_move_qparams(mode, classifier, digits):
+    """Quantizers observe in eval mode too; during fit's validation the callback stops them, so
+    validation data never shifts the qparams (and DDP ranks, validating different data, stay equal)."""
+    qat = QuantizationAwareTraining(mode, "x86", "moving_average_minmax")
+    recorder = _ValidationRecorder(qat)
+    trainer = L.Trainer(**trainer_kwargs(max_epochs=2, num_sanity_val_steps=1, limit_val_batches=3,
+                                         callbacks=[qat, recorder]))
+    trainer.fit(classifier, digits)
+    assert len(recorder.pairs) == 3  # the sanity check and two epochs
+    for before, after in recorder.pairs[1:]:
+        assert before and not _changed(before, after), "validation changed quantizer statistics"
+    assert not qat.observers_frozen  # and training observes again afterwards (the schedule test checks it moves)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_batchnorm_keeps_training_after_validation(mode, classifier, digits):
     """Lightning restores the train mode after validation by assigning ``module.training``; the

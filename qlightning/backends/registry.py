@@ -7,6 +7,7 @@ future torch may have removed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -47,18 +48,19 @@ def available_backends() -> list[str]:
     return _BACKENDS.names()
 
 
+def _build_fx_backend_config(module: str, function: str):
+    import importlib
+
+    # BackendConfig.set_backend_pattern_config needs this submodule loaded, and nothing in
+    # ``torch.ao.quantization.backend_config`` imports it.
+    importlib.import_module("torch.ao.quantization.backend_config.utils")
+    return getattr(importlib.import_module(module), function)()
+
+
 def fx_backend_config(module: str, function: str) -> Callable[[], Any]:
-    """A factory for one of torch.ao's FX BackendConfigs, imported only when called."""
-
-    def build():
-        import importlib
-
-        # BackendConfig.set_backend_pattern_config needs this submodule loaded, and nothing in
-        # ``torch.ao.quantization.backend_config`` imports it.
-        importlib.import_module("torch.ao.quantization.backend_config.utils")
-        return getattr(importlib.import_module(module), function)()
-
-    return build
+    """A factory for one of torch.ao's FX BackendConfigs, imported only when called. A partial of a
+    module-level function, not a closure: callbacks holding a Backend must pickle (``ddp_spawn``)."""
+    return functools.partial(_build_fx_backend_config, module, function)
 
 
 def x86_inductor_quantizer(config):

@@ -14,6 +14,7 @@ from torch import nn
 from qlightning.callbacks.config import build_recipe, check_flag, check_modules_to_fuse
 from qlightning.callbacks.exporting import check_export_formats, export_formats, first_element_inputs
 from qlightning.callbacks.target import resolve_example_inputs, resolve_network
+from qlightning.distributed import sync_quantizer_statistics
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
 from qlightning.observers import available_observers, get_observer
@@ -265,6 +266,9 @@ class PostTrainingQuantization(Callback):
                 f"calibrated on {self.calibrated_batches} batches, fewer than calibration_batches="
                 f"{self.calibration_batches}: the dataloader ran out"
             )
+        # Under DDP each rank calibrated on its own shard: reduce the statistics over all ranks
+        # so that every rank converts the same model.
+        sync_quantizer_statistics(self._impl.observers(observed))
         with _normal_tensors():
             self.finalized_network = self._impl.finalize(
                 observed, self._example, fold_bn=False, merge_relu=self.merge_relu,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+import torch
 from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_epoch, check_flag, check_modules_to_fuse
 from qlightning.callbacks.exporting import check_export_formats, export_formats
 from qlightning.callbacks.target import resolve_example_inputs, resolve_network
+from qlightning.distributed import sync_quantizer_statistics, sync_running_stats
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
 
@@ -90,6 +93,7 @@ class QuantizationAwareTraining(Callback):
         self._impl = None
         self._attr: str | None = None
         self._prepared: nn.Module | None = None
+        self._rank_synced: tuple[list, list] | None = None
         self._trainer: Trainer | None = None
 
     # -- identity ---------------------------------------------------------------------------------
@@ -143,7 +147,19 @@ class QuantizationAwareTraining(Callback):
         setattr(pl_module, self._attr, prepared)
         self._prepared = prepared
         self._trainer = trainer
-        prepared.register_load_state_dict_pre_hook(self._on_network_state_load)
+        # Under DDP, what every step must reduce over ranks: the quantizers and BN running statistics.
+        self._rank_synced = (
+            (self._impl.quantizers(prepared), _running_stats(prepared)) if trainer.world_size > 1 else None
+        )
+        # Through a weak reference: a bound method would make every deepcopy of the network (the
+        # fit-end passes copy it) copy this callback and its trainer too, which under DDP holds locks.
+        callback = weakref.ref(self)
+
+        def on_state_load(module, state_dict, prefix, *args):
+            if callback() is not None:
+                callback()._on_network_state_load(module, state_dict, prefix, *args)
+
+        prepared.register_load_state_dict_pre_hook(on_state_load)
         rank_zero_info(
             f"qlightning: prepared `{self._attr}` for QAT (mode={self.mode}, backend={self.backend.name}, "
             f"observer={self.observer}, {len(self._impl.quantizers(prepared))} quantizers)"
@@ -182,6 +198,24 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.bn_frozen:
             self._impl.enforce_frozen_bn(self._prepared)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # torch.ao and torchao quantizers observe whatever passes through them, eval mode included:
+        # validation would move qparams with validation data (and, under DDP, apart on each rank).
+        # Like BatchNorm in eval, they only read their statistics while validating.
+        if self._prepared is not None and not self.observers_frozen:
+            self._impl.set_observers_enabled(self._prepared, False)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._prepared is not None and not self.observers_frozen:
+            self._impl.set_observers_enabled(self._prepared, True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._rank_synced is not None:
+            quantizers, running_stats = self._rank_synced
+            sync_quantizer_statistics(quantizers)
+            if not self.bn_frozen:
+                sync_running_stats(running_stats)
 
     def freeze_observers(self) -> None:
         """Stop qparam updates now (the schedule calls this at ``freeze_observers_epoch``)."""
@@ -226,3 +260,7 @@ class QuantizationAwareTraining(Callback):
             self.freeze_observers()
         if state_dict.get("bn_frozen", False) and self._prepared is not None:
             self.freeze_bn()
+
+
+def _running_stats(network: nn.Module) -> list[torch.Tensor]:
+    return [b for name, b in network.named_buffers() if name.endswith(("running_mean", "running_var"))]

@@ -8,6 +8,7 @@ from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
+from qlightning.errors import QuantizationConfigError
 from qlightning.observers import get_observer
 from qlightning.spec import QuantRecipe, TensorQuantSpec
 
@@ -141,6 +142,25 @@ def seed_lsq(prepared: nn.Module, example_inputs: tuple) -> None:
 
 _FUSED_BN = (nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBn3d, nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d,
              nniqat.ConvBnReLU3d, nniqat.LinearBn1d)
+
+
+def check_fused_bn_gamma(prepared: nn.Module, mode: str) -> None:
+    """torch.ao's QAT conv-bn divides the conv output by ``gamma / running_std``: a BatchNorm weight
+    of exactly 0 (a switched-off channel, torchvision's ``zero_init_residual``) makes the whole
+    network NaN from the first step. Refuse it before training rather than train on NaN."""
+    offenders = []
+    for name, module in prepared.named_modules():
+        if isinstance(module, _FUSED_BN):
+            zeros = int((module.bn.weight == 0).sum())
+            if zeros:
+                offenders.append(f"{name} ({zeros} of {module.bn.weight.numel()} channels)")
+    if offenders:
+        raise QuantizationConfigError(
+            f"mode={mode!r} QAT cannot train conv-bn pairs whose BatchNorm weight (gamma) is exactly 0: "
+            f"{', '.join(offenders)}. torch.ao's conv-bn simulation divides by gamma and the network turns NaN. "
+            "Use mode='pt2e' (qlightning handles gamma == 0 there), or give those BatchNorms a non-zero "
+            "weight (e.g. torchvision models with zero_init_residual=False)"
+        )
 
 
 def batchnorms(prepared: nn.Module) -> list[nn.Module]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import traceback
 from abc import ABC, abstractmethod
@@ -88,6 +89,14 @@ class QuantMode(ABC):
                 "during training or calibration. Check that `module=` names the network the LightningModule "
                 "calls in its steps, and that some batches were run"
             )
+        overflowed = overflowed_quantizers(prepared)
+        if overflowed:
+            shown = ", ".join(overflowed[:5]) + (f" and {len(overflowed) - 5} more" if len(overflowed) > 5 else "")
+            raise QuantizationConfigError(
+                f"{len(overflowed)} quantizers observed NaN/inf values or a range too wide for float32 ({shown}): "
+                "their scale would be NaN or inf. The activations diverged or overflowed; check the loss for "
+                "NaN/inf, lower the learning rate, or normalise the inputs"
+            )
         model = copy.deepcopy(prepared).cpu().eval()
         self.set_observers_enabled(model, False)
         example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in batch_of_two(example_inputs))
@@ -141,7 +150,35 @@ def unobserved_quantizers(model: nn.Module) -> list[str]:
         min_val = getattr(observer, "min_val", None)
         if not isinstance(min_val, torch.Tensor) or is_learnable(module):
             continue  # fixed-qparams, placeholder (dynamic) and learnable quantizers have no statistics
-        if min_val.numel() == 0 or bool(torch.isinf(min_val).all()):
+        max_val = getattr(observer, "max_val", None)
+        if min_val.numel() == 0 or bool((min_val == math.inf).all() and (max_val == -math.inf).all()):
+            names.append(name)  # still the initial (+inf, -inf): never observed
+    return names
+
+
+def overflowed_quantizers(model: nn.Module) -> list[str]:
+    """Names of the quantizers whose statistics or qparams are not finite: they observed NaN/inf
+    activations, or a range whose width (max - min) overflows float32 and so gives an inf scale."""
+    from qlightning.passes.graph import is_fake_quantize, is_learnable, is_quantizer
+
+    quantizers = [(name, m) for name, m in model.named_modules() if is_quantizer(m)]
+    owned = {id(m.activation_post_process) for _, m in quantizers if is_fake_quantize(m)}
+    names = []
+    for name, module in quantizers:
+        if id(module) in owned or is_learnable(module):
+            continue
+        observer = getattr(module, "activation_post_process", module)
+        min_val, max_val = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
+        if not isinstance(min_val, torch.Tensor) or not isinstance(max_val, torch.Tensor) or min_val.numel() == 0:
+            continue
+        unobserved = (min_val == math.inf) & (max_val == -math.inf)
+        observed_min, observed_max = min_val[~unobserved].float(), max_val[~unobserved].float()
+        bad = not (torch.isfinite(observed_min).all() and torch.isfinite(observed_max).all())
+        bad = bad or not torch.isfinite(observed_max - observed_min).all()
+        scale = getattr(module, "scale", None)
+        if is_fake_quantize(module) and isinstance(scale, torch.Tensor) and not unobserved.any():
+            bad = bad or not torch.isfinite(scale).all()
+        if bad:
             names.append(name)
     return names
 

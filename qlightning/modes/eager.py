@@ -109,6 +109,7 @@ class EagerMode(QuantMode):
         wrapper = self._wrap_and_fuse(network, example_inputs, modules_to_fuse, qat=True)
         wrapper.qconfig = _ao.qat_qconfig(recipe)
         tq.prepare_qat(wrapper, inplace=True)
+        _ao.check_fused_bn_gamma(wrapper, self.name)
         self._check_convertible(wrapper, example_inputs, backend)
         if get_observer(recipe.observer).learnable:
             _ao.seed_lsq(wrapper, example_inputs)

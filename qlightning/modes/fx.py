@@ -53,6 +53,7 @@ class FxMode(QuantMode):
     def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
         mapping = qconfig_mapping(_ao.qat_qconfig(recipe), backend.engine, qat=True)
         prepared = self._prepare(prepare_qat_fx, network.train(), mapping, example_inputs, backend)
+        _ao.check_fused_bn_gamma(prepared, self.name)
         if get_observer(recipe.observer).learnable:
             _ao.seed_lsq(prepared, example_inputs)
         return prepared

@@ -50,6 +50,14 @@ def observed_range(quantizer: nn.Module) -> tuple[float, float]:
     return float(obs.min_val), float(obs.max_val)
 
 
+def clamped_range(observed: tuple[float, float], bounds: tuple[float, float]) -> tuple[float, float]:
+    """The image of the observed range under the clamp: each end clipped into ``bounds``. Clipping
+    (not intersecting) keeps ``lo <= hi`` when the two ranges do not overlap, e.g. a ReLU after an
+    always-negative tensor outputs exactly [0, 0]."""
+    lo, hi = bounds
+    return min(max(observed[0], lo), hi), min(max(observed[1], lo), hi)
+
+
 def _min_max_observer_like(obs: nn.Module) -> nn.Module:
     """A MinMaxObserver of the same family and integer range as ``obs`` (a histogram observer's
     qparams come from a search over its histogram, not from min/max, so it cannot be narrowed)."""
@@ -141,8 +149,7 @@ def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
             quantizer_a = gm.get_submodule(source.target)
             if not (_mergeable(quantizer_a) and _mergeable(quantizer_b)):
                 continue
-            lo_x, hi_x = observed_range(quantizer_a)
-            new_q = narrowed_copy(quantizer_b, max(bounds[0], lo_x), min(bounds[1], hi_x))
+            new_q = narrowed_copy(quantizer_b, *clamped_range(observed_range(quantizer_a), bounds))
             name = unique_name(gm, f"{after_q.target.replace('.', '_')}_clamp_merged")
             gm.add_module(name, new_q)
             after_q.target = name
