@@ -179,3 +179,43 @@ def test_quantizers_that_saw_nan_or_overflowing_values_are_named_before_conversi
     with pytest.raises(QuantizationConfigError, match=r"quantizers observed NaN/inf values or a range too wide for "
                                                       r"float32 \(.*\): their scale would be NaN or inf"):
         impl.finalize(prepared, example)
+
+
+def test_an_unsupported_mode_backend_pair_is_refused_at_construction(monkeypatch):
+    """Every built-in backend supports every mode today; a backend that does not (as exporter backends
+    built on PT2E quantizers may) is refused by name, with the modes it does support."""
+    import dataclasses
+
+    from qlightning.backends import registry
+
+    pt2e_only = dataclasses.replace(registry.get_backend("x86"), name="pt2e_only", modes=frozenset({"pt2e"}))
+    monkeypatch.setitem(registry._BACKENDS._entries, "pt2e_only", pt2e_only)
+    with pytest.raises(QuantizationConfigError, match=r"backend 'pt2e_only' does not support mode 'fx'; it supports "
+                                                      r"\['pt2e'\]"):
+        QuantizationAwareTraining("fx", "pt2e_only")
+    QuantizationAwareTraining("pt2e", "pt2e_only")  # the supported pair is accepted
+    from qlightning import PostTrainingQuantization
+
+    with pytest.raises(QuantizationConfigError, match=r"backend 'pt2e_only' does not support mode 'eager'"):
+        PostTrainingQuantization("eager", "pt2e_only")
+
+
+def test_an_export_format_whose_extra_is_missing_fails_before_training(monkeypatch, tmp_path):
+    """A format whose converter/runtime is an optional extra names the extra to install, at callback
+    construction (no training spent) and in ``export()``. A stand-in format here: the real tflite and
+    openvino formats are registered by their exporters."""
+    from qlightning import PostTrainingQuantization, export
+    from qlightning.exporters import registry
+
+    stand_in = registry.ExportFormat("stand_in", ".bin", "qlightning.exporters.onnx_format", "nothing",
+                                     extra="tflite", required_modules=("qlightning_not_installed_runtime",))
+    monkeypatch.setitem(registry._FORMATS._entries, "stand_in", stand_in)
+    message = (r"format='stand_in' needs qlightning_not_installed_runtime, which is not installed: "
+               r"pip install 'qlightning\[tflite\]'")
+    with pytest.raises(ImportError, match=message):
+        QuantizationAwareTraining("pt2e", export=["onnx", "stand_in"])
+    with pytest.raises(ImportError, match=message):
+        PostTrainingQuantization("pt2e", export=["stand_in"])
+    with pytest.raises(ImportError, match=message):
+        export(SmallCNN(), (torch.rand(2, 1, 8, 8),), "stand_in", tmp_path / "net.bin")
+    assert list(tmp_path.iterdir()) == []

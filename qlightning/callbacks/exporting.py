@@ -21,7 +21,8 @@ def check_export_formats(export_formats) -> tuple[str, ...]:
     if isinstance(export_formats, str) or not all(isinstance(f, str) for f in export_formats):
         raise QuantizationConfigError(f"export must be a list of format names, e.g. ['onnx'], got {export_formats!r}")
     for name in export_formats:
-        get_format(name)  # unknown names fail now, listing the valid ones
+        # Unknown names fail now, listing the valid ones; so does a format whose extra is missing.
+        get_format(name).check_installed()
     return tuple(export_formats)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 from qlightning.registry import Registry
@@ -19,13 +20,15 @@ class ExportFormat:
     extra: str | None = None
     required_modules: tuple[str, ...] = ()
 
-    def load(self):
+    def check_installed(self) -> None:
+        """Raise ImportError naming the pip extra when the format's converter/runtime is missing."""
         for name in self.required_modules:
-            try:
-                importlib.import_module(name)
-            except ImportError as exc:
+            if importlib.util.find_spec(name) is None:
                 hint = f"pip install 'qlightning[{self.extra}]'" if self.extra else f"install {name}"
-                raise ImportError(f"format={self.name!r} needs {name}, which is not installed: {hint}") from exc
+                raise ImportError(f"format={self.name!r} needs {name}, which is not installed: {hint}")
+
+    def load(self):
+        self.check_installed()
         return importlib.import_module(self.module)
 
 
