@@ -14,11 +14,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlightning import PostTrainingQuantization, QuantizationAwareTraining  # noqa: E402
+from qlightning import PostTrainingQuantization, QParamMonitor, QuantizationAwareTraining  # noqa: E402
 from qlightning.data import DigitsDataModule  # noqa: E402
 from qlightning.models import ImageClassifier, SmallCNN  # noqa: E402
 
@@ -72,13 +73,18 @@ class Record(L.Callback):
 def main(strategy: str, mode: str, kind: str, observer: str, out: str) -> None:
     L.seed_everything(0, verbose=False)
     model = ImageClassifier(SmallCNN(), lr=3e-3)
+    extra_callbacks, logger = [], False
     if kind == "qat":
         quant = QuantizationAwareTraining(mode, "x86", observer, export=["onnx"], export_dir=out)
+        # qparam curves under DDP: written once, by rank zero
+        extra_callbacks = [QParamMonitor(log_every_n_steps=5, histograms=False)]
+        logger = CSVLogger(out, name="logs")
     else:
         quant = PostTrainingQuantization(mode, "x86", observer, calibration_batches=4, export=["onnx"], export_dir=out)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, limit_train_batches=12,
-                        limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[quant, Record(quant, out)])
+                        limit_val_batches=1, num_sanity_val_steps=0, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[quant, *extra_callbacks, Record(quant, out)])
     trainer.fit(model, RankScaledDigits(batch_size=32))
 
 

@@ -48,3 +48,8 @@ def test_ranks_end_with_identical_qparams_and_int8_models(strategy, mode, kind, 
 
     assert ranks[0]["exported"] == ["onnx"] and ranks[1]["exported"] == []
     assert sorted(p.name for p in tmp_path.glob("net.onnx*")) == ["net.onnx", "net.onnx.report.json"]
+    if kind == "qat":  # QParamMonitor ran on both ranks; one metrics file, written by rank zero
+        metrics = list(tmp_path.glob("logs/**/metrics.csv"))
+        assert len(metrics) == 1
+        header = metrics[0].read_text().splitlines()[0]
+        assert any(column.startswith("qparams/") for column in header.split(","))
