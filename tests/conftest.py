@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qlightning.data import DigitsDataModule
-from qlightning.models import ImageClassifier, SmallCNN
+from qlightning.models import ImageClassifier, SmallCNN, accuracy
 
 
 def trainer_kwargs(**overrides):
@@ -28,6 +28,16 @@ def digits():
     dm = DigitsDataModule(batch_size=32)
     dm.setup()
     return dm
+
+
+@pytest.fixture(scope="session")
+def float_baseline(digits):
+    """A float SmallCNN trained on the digits split (4 epochs) and its validation accuracy; copy it
+    before training it further."""
+    L.seed_everything(0, verbose=False)
+    model = ImageClassifier(SmallCNN(), lr=3e-3)
+    L.Trainer(**trainer_kwargs(max_epochs=4, limit_train_batches=None, limit_val_batches=0)).fit(model, digits)
+    return model, accuracy(model, digits.val_dataloader())
 
 
 @pytest.fixture

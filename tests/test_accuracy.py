@@ -6,16 +6,8 @@ import lightning as L
 import pytest
 
 from qlightning import QuantizationAwareTraining, quantized_engine
-from qlightning.models import ImageClassifier, SmallCNN, accuracy
+from qlightning.models import accuracy
 from tests.conftest import trainer_kwargs
-
-
-@pytest.fixture(scope="module")
-def float_baseline(digits):
-    L.seed_everything(0, verbose=False)
-    model = ImageClassifier(SmallCNN(), lr=3e-3)
-    L.Trainer(**trainer_kwargs(max_epochs=4, limit_train_batches=None, limit_val_batches=0)).fit(model, digits)
-    return model, accuracy(model, digits.val_dataloader())
 
 
 @pytest.mark.parametrize("mode", ["eager", "fx", "pt2e"])

@@ -15,7 +15,7 @@ from tests.conftest import trainer_kwargs
     "kwargs,message",
     [
         (dict(mode="jit"), r"unknown mode 'jit'; valid modes are: 'eager', 'fx', 'pt2e'"),
-        (dict(backend="tpu"), r"unknown backend 'tpu'; valid backends are: 'fbgemm', 'onnxruntime', 'qnnpack', 'x86'"),
+        (dict(backend="tpu"), r"unknown backend 'tpu'; valid backends are: 'fbgemm', 'onnxruntime', 'openvino', 'qnnpack', 'tflite', 'x86'"),
         (
             dict(observer="kl"),
             r"unknown observer 'kl'; valid observers are: 'histogram', 'lsq', 'minmax', 'moving_average_minmax'",
@@ -181,29 +181,23 @@ def test_quantizers_that_saw_nan_or_overflowing_values_are_named_before_conversi
         impl.finalize(prepared, example)
 
 
-def test_an_unsupported_mode_backend_pair_is_refused_at_construction(monkeypatch):
-    """Every built-in backend supports every mode today; a backend that does not (as exporter backends
-    built on PT2E quantizers may) is refused by name, with the modes it does support."""
-    import dataclasses
-
-    from qlightning.backends import registry
-
-    pt2e_only = dataclasses.replace(registry.get_backend("x86"), name="pt2e_only", modes=frozenset({"pt2e"}))
-    monkeypatch.setitem(registry._BACKENDS._entries, "pt2e_only", pt2e_only)
-    with pytest.raises(QuantizationConfigError, match=r"backend 'pt2e_only' does not support mode 'fx'; it supports "
-                                                      r"\['pt2e'\]"):
-        QuantizationAwareTraining("fx", "pt2e_only")
-    QuantizationAwareTraining("pt2e", "pt2e_only")  # the supported pair is accepted
+def test_an_unsupported_mode_backend_pair_is_refused_at_construction():
+    """TFLite's int8 activations have no PyTorch eager kernels: eager x tflite is refused by name, with the
+    modes the backend supports, before any training."""
     from qlightning import PostTrainingQuantization
 
-    with pytest.raises(QuantizationConfigError, match=r"backend 'pt2e_only' does not support mode 'eager'"):
-        PostTrainingQuantization("eager", "pt2e_only")
+    with pytest.raises(QuantizationConfigError, match=r"backend 'tflite' does not support mode 'eager'; it supports "
+                                                      r"\['fx', 'pt2e'\]"):
+        QuantizationAwareTraining("eager", "tflite")
+    with pytest.raises(QuantizationConfigError, match=r"backend 'tflite' does not support mode 'eager'"):
+        PostTrainingQuantization("eager", "tflite")
+    QuantizationAwareTraining("fx", "tflite"), QuantizationAwareTraining("pt2e", "tflite")  # supported pairs
 
 
 def test_an_export_format_whose_extra_is_missing_fails_before_training(monkeypatch, tmp_path):
     """A format whose converter/runtime is an optional extra names the extra to install, at callback
-    construction (no training spent) and in ``export()``. A stand-in format here: the real tflite and
-    openvino formats are registered by their exporters."""
+    construction (no training spent) and in ``export()``. A stand-in format exercises the mechanism on
+    every route; tests/test_tflite.py and tests/test_openvino.py check the real formats' messages."""
     from qlightning import PostTrainingQuantization, export
     from qlightning.exporters import registry
 

@@ -72,7 +72,7 @@ def test_the_script_configs_compose(name, tmp_path):
         ("quant.observer=minmaxx", r"Invalid value 'minmaxx', expected one of \[histogram, lsq, minmax, "
                                    r"moving_average_minmax\]"),
         ("quant.mode=graph", r"Invalid value 'graph', expected one of \[eager, fx, pt2e\]"),
-        ("quant.backend=tpu", r"Invalid value 'tpu', expected one of \[fbgemm, onnxruntime, qnnpack, x86\]"),
+        ("quant.backend=tpu", r"Invalid value 'tpu', expected one of \[fbgemm, onnxruntime, openvino, qnnpack, tflite, x86\]"),
         ("quant=qat_jit", r"Could not find 'quant/qat_jit'"),
     ],
 )

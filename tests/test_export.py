@@ -94,7 +94,7 @@ def test_an_eager_int8_model_is_refused_with_what_to_export_instead(tmp_path):
 
 def test_unknown_format():
     with pytest.raises(QuantizationConfigError, match=r"unknown export format 'tf'; valid export formats are: "
-                                                      r"'onnx', 'pt2'"):
+                                                      r"'onnx', 'openvino', 'pt2', 'tflite'"):
         export(SmallCNN(), _inputs(4), "tf", "x.tf")
     with pytest.raises(QuantizationConfigError, match=r"unknown export format 'onix'"):
         QuantizationAwareTraining(export=["onix"])

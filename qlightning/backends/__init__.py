@@ -1,6 +1,6 @@
 """Quantization backends. Importing this package registers the built-in ones."""
 
-from qlightning.backends import fbgemm, onnxruntime, qnnpack, x86  # noqa: F401  (registration side effects)
+from qlightning.backends import fbgemm, onnxruntime, openvino, qnnpack, tflite, x86  # noqa: F401  (registration side effects)
 from qlightning.backends.registry import (
     Backend,
     available_backends,

@@ -30,6 +30,8 @@ class Backend:
     modes: frozenset = field(default=ALL_MODES)
     # The runtime needs a split's outputs to share its input's qparams (ONNX Runtime, TFLite).
     shared_split_qparams: bool = False
+    # Whether PyTorch's int8 kernels (``engine``) run this layout; if not, FX converts through PT2E.
+    torch_int8_kernels: bool = True
     description: str = ""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -70,6 +71,16 @@ def _metrics(reference: np.ndarray, exported: np.ndarray, output_scale: float | 
     return metrics
 
 
+@contextlib.contextmanager
+def _staged_companions(staged: Path, fmt):
+    companions = [Path(f"{staged}{suffix}") for suffix in fmt.companion_suffixes]
+    try:
+        yield companions
+    finally:
+        for companion in companions:
+            companion.unlink(missing_ok=True)
+
+
 def export(
     model: nn.Module,
     example_inputs,
@@ -99,8 +110,8 @@ def export(
         tuple(c.cpu() for c in ((x,) if isinstance(x, torch.Tensor) else tuple(x))) for x in (check_inputs or [])
     ]
 
-    program = exportable_program(model, example_inputs)
-    with staged_path(path, fmt.suffix) as staged:
+    program = exportable_program(model, example_inputs, fold_quantize=fmt.folded_weights)
+    with staged_path(path, fmt.suffix) as staged, _staged_companions(staged, fmt) as companions:
         implementation.write(program.converted, example_inputs, staged)
         quantized_ops, float_ops = implementation.op_counts(staged)
         if quantized_ops == 0:
@@ -124,7 +135,8 @@ def export(
             "path": path.name,
             "mode": program.mode,
             "backend": backend,
-            "size_bytes": staged.stat().st_size,
+            "files": [path.name] + [path.with_suffix(suffix).name for suffix in fmt.companion_suffixes],
+            "size_bytes": staged.stat().st_size + sum(c.stat().st_size for c in companions),
             "float_size_bytes": implementation.float_size_bytes(staged),
             "float_size_basis": "the same file with its 8-bit weights stored as fp32",
             "num_quantized_ops": quantized_ops,
@@ -138,6 +150,8 @@ def export(
             "torch_version": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        for suffix, companion in zip(fmt.companion_suffixes, companions):
+            publish(companion, path.with_suffix(suffix))  # first: whoever sees the main file finds its parts
         publish(staged, path)
     write_json(report_path(path), report)
     log.info("qlightning: exported %s (%d bytes, SQNR %s dB)", path, report["size_bytes"], report["sqnr_db"])

@@ -11,6 +11,7 @@ plus the torch model the exported file must agree with.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,19 +62,63 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return frozen
 
 
-def exportable_program(model: nn.Module, example_inputs: tuple) -> ExportableProgram:
-    """Classify ``model`` and bring it to a converted PT2E program (see the module docstring)."""
+def _requantize_ops() -> dict:
+    qd = torch.ops.quantized_decomposed
+    return {
+        qd.dequantize_per_tensor.default: qd.quantize_per_tensor.default,
+        qd.dequantize_per_tensor.tensor: qd.quantize_per_tensor.tensor,
+        qd.dequantize_per_channel.default: qd.quantize_per_channel.default,
+    }
+
+
+def unfold_quantized_weights(gm: torch.fx.GraphModule) -> int:
+    """Turn each ``dequantize(int8 constant)`` of a converted graph back into
+    ``dequantize(quantize(float constant))`` with the same qparams; returns how many. The float constant
+    is the dequantized value, so quantizing it gives back exactly the same integers."""
+    requantize = _requantize_ops()
+    count = 0
+    for node in list(gm.graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target in requantize else None
+        if not (isinstance(source, torch.fx.Node) and source.op == "get_attr"):
+            continue
+        integers = functools.reduce(getattr, source.target.split("."), gm)
+        if not isinstance(integers, torch.Tensor) or integers.is_floating_point():
+            continue
+        qparams = [functools.reduce(getattr, a.target.split("."), gm)
+                   if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a for a in node.args[1:]]
+        if any(isinstance(a, torch.fx.Node) for a in qparams):
+            continue  # qparams computed in the graph: not a constant weight
+        name = f"{source.target.replace('.', '_')}_unfolded"
+        gm.register_buffer(name, node.target(integers, *qparams))
+        with gm.graph.inserting_before(node):
+            floats = gm.graph.get_attr(name)
+            requantized = gm.graph.call_function(requantize[node.target], (floats, *node.args[1:]))
+        node.replace_input_with(source, requantized)
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+def exportable_program(model: nn.Module, example_inputs: tuple, fold_quantize: bool = True) -> ExportableProgram:
+    """Classify ``model`` and bring it to a converted PT2E program (see the module docstring).
+    ``fold_quantize=False``: weights stay float behind quantize/dequantize (litert-torch's layout)."""
     from qlightning.modes.pt2e import ExportedNetwork, Pt2eMode
 
     gm = _graph_module(model)
     if gm is not None and _has_qdq(gm):
         converted = model if isinstance(model, ExportedNetwork) else ExportedNetwork(gm, inference_only=True)
+        if not fold_quantize:
+            unfolded = copy.deepcopy(converted.graph_module)
+            if unfold_quantized_weights(unfolded):
+                converted = ExportedNetwork(unfolded, inference_only=True)
         return ExportableProgram(converted, converted, "pt2e")
     if gm is not None and _has_quantizers(gm, "torchao"):
         reference = _frozen_copy(model)
         prepared = reference if isinstance(reference, ExportedNetwork) else ExportedNetwork(reference, True)
         observers_only = not any(is_fake_quantize(m) for m in prepared.modules())
-        return ExportableProgram(Pt2eMode().convert(prepared, None), prepared, "pt2e", observers_only)
+        return ExportableProgram(Pt2eMode().convert(prepared, None, fold_quantize), prepared, "pt2e", observers_only)
     if _has_quantizers(model, "torch.ao"):
         from qlightning.passes.to_pt2e import ao_to_pt2e
 
@@ -84,7 +129,7 @@ def exportable_program(model: nn.Module, example_inputs: tuple) -> ExportablePro
         # Calibration observers do not fake-quantize: the carried-over program (whose observers do)
         # is the faithful torch reference then.
         return ExportableProgram(
-            Pt2eMode().convert(program, None), program if observers_only else reference, mode
+            Pt2eMode().convert(program, None, fold_quantize), program if observers_only else reference, mode
         )
     if _is_ao_int8(model):
         raise QuantizationConfigError(

@@ -19,6 +19,11 @@ class ExportFormat:
     # pip extra that brings the runtime/converter, named in the error when it is missing
     extra: str | None = None
     required_modules: tuple[str, ...] = ()
+    # Files written beside the main one (OpenVINO's .bin): staged as ``<staged><suffix>``, published
+    # as ``path.with_suffix(suffix)``, before the main file.
+    companion_suffixes: tuple[str, ...] = ()
+    # Whether the converter takes int8 weight constants (convert_pt2e's fold_quantize=True).
+    folded_weights: bool = True
 
     def check_installed(self) -> None:
         """Raise ImportError naming the pip extra when the format's converter/runtime is missing."""
@@ -50,3 +55,7 @@ def available_formats() -> list[str]:
 register_format(ExportFormat("onnx", ".onnx", "qlightning.exporters.onnx_format", "onnxruntime",
                              required_modules=("onnx", "onnxruntime", "onnxscript")))
 register_format(ExportFormat("pt2", ".pt2", "qlightning.exporters.pt2_format", "torch"))
+register_format(ExportFormat("tflite", ".tflite", "qlightning.exporters.tflite_format", "ai-edge-litert",
+                             extra="tflite", required_modules=("litert_torch", "ai_edge_litert"), folded_weights=False))
+register_format(ExportFormat("openvino", ".xml", "qlightning.exporters.openvino_format", "openvino", extra="openvino",
+                             required_modules=("openvino", "onnx", "onnxscript"), companion_suffixes=(".bin",)))

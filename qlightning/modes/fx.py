@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 import torch.ao.quantization as tq
 import torch.nn.functional as F
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
@@ -48,6 +50,10 @@ class FxMode(QuantMode):
             raise self.untraceable(network, exc) from exc
         # Kept for convert: FX needs the same mapping and backend config on both sides.
         prepared.meta["qlightning_qconfig_mapping"] = mapping
+        # Kept for backends without PyTorch int8 kernels, converted through PT2E instead.
+        prepared.meta["qlightning_example_inputs"] = tuple(
+            x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs
+        )
         return prepared
 
     def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
@@ -69,6 +75,13 @@ class FxMode(QuantMode):
         return self.convert(prepared, backend)
 
     def convert(self, prepared, backend):
+        if not backend.torch_int8_kernels:
+            # No PyTorch kernel runs this backend's integer layout (e.g. TFLite's int8 activations):
+            # the int8 model is the PT2E Q/DQ program with exactly the trained qparams, as exporters use.
+            from qlightning.modes.pt2e import Pt2eMode
+            from qlightning.passes.to_pt2e import ao_to_pt2e
+
+            return Pt2eMode().convert(ao_to_pt2e(prepared, prepared.meta["qlightning_example_inputs"]), backend)
         model = copy.deepcopy(prepared).cpu().eval()
         with quantized_engine(backend.engine):
             return convert_fx(

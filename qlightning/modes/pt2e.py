@@ -193,14 +193,16 @@ class Pt2eMode(QuantMode):
         # choose_qparams node. ``observed`` is ours alone, so nothing else sees it change.
         return self._convert_in_place(observed.cpu())
 
-    def convert(self, prepared: ExportedNetwork, backend):
-        return self._convert_in_place(copy.deepcopy(prepared.graph_module).cpu())
+    def convert(self, prepared: ExportedNetwork, backend, fold_quantize: bool = True):
+        """``fold_quantize=False`` keeps float weights behind quantize/dequantize pairs instead of int8
+        constants: the layout litert-torch's converter needs (litert-torch issue 400)."""
+        return self._convert_in_place(copy.deepcopy(prepared.graph_module).cpu(), fold_quantize)
 
     @staticmethod
-    def _convert_in_place(graph: torch.fx.GraphModule) -> ExportedNetwork:
+    def _convert_in_place(graph: torch.fx.GraphModule, fold_quantize: bool = True) -> ExportedNetwork:
         set_exported_training(graph, batchnorm=False, dropout=False)
         fold_qat_conv_bn(graph)
-        converted = convert_pt2e(graph)
+        converted = convert_pt2e(graph, fold_quantize=fold_quantize)
         _drop_unreferenced_tensors(converted)
         return ExportedNetwork(converted, inference_only=True)
 

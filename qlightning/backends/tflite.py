@@ -1,0 +1,121 @@
+"""LiteRT (TFLite) int8: activations int8 affine [-128, 127], weights int8 symmetric [-127, 127]
+per channel, no bias quantization (the LiteRT quantization spec).
+
+- PT2E: litert-torch's own ``PT2EQuantizer`` (the quantizer its converter expects), fed with
+  qlightning's observer choice; Sigmoid / Softmax outputs get LiteRT's fixed qparams (1/256, -128).
+- FX: a BackendConfig mirroring the patterns that quantizer annotates (conv(+bn)(+relu), linear,
+  add(+relu), mul, cat, max/adaptive-avg pooling, fixed-qparams ops, ops sharing their input's
+  qparams), so FX-trained models reach the converter through FX -> PT2E.
+
+litert-torch is an optional extra (``pip install 'qlightning[tflite]'``): the PT2E quantizer is
+imported when a network is prepared, not when this backend registers.
+"""
+
+from __future__ import annotations
+
+from qlightning.backends.registry import Backend, register_backend
+from qlightning.spec import TensorQuantSpec
+
+
+def _patterns_as_modules() -> None:
+    """litert-torch 0.10 hands plain functions to torchao's ``_get_aten_graph_module_for_pattern``,
+    which passes them to ``torch.export.export``; torch >= 2.10 accepts only modules there, so its
+    QAT conv-bn annotation fails with "Expected `mod` to be an instance of `torch.nn.Module`".
+    Wrap the function in a module on the way in (idempotent; only litert's reference is replaced)."""
+    import torch
+    from litert_torch.quantize import pt2e_quantizer_utils as litert_utils
+
+    original = litert_utils._get_aten_graph_module_for_pattern
+    if getattr(original, "_qlightning_shim", False):
+        return
+
+    class Pattern(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, *args, **kwargs):
+            return self.fn(*args, **kwargs)
+
+    def as_module(pattern, example_inputs, is_cuda=False, **kwargs):
+        if not isinstance(pattern, torch.nn.Module):
+            pattern = Pattern(pattern)
+        return original(pattern, example_inputs, is_cuda, **kwargs)
+
+    as_module._qlightning_shim = True
+    litert_utils._get_aten_graph_module_for_pattern = as_module
+
+
+def litert_quantizer(config):
+    """litert-torch's PT2E quantizer with qlightning's specs (a torchao ``QuantizationConfig``)."""
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+    from litert_torch.quantize.pt2e_quantizer_utils import QuantizationConfig
+    from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec
+
+    _patterns_as_modules()
+    fixed = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=1 / 256, zero_point=-128, quant_min=-128,
+                                         quant_max=127, qscheme=torch.per_tensor_affine)
+    litert_config = QuantizationConfig(config.input_activation, config.output_activation, config.weight, None,
+                                       fixed, config.is_qat, False)
+    return PT2EQuantizer().set_global(litert_config)
+
+
+def tflite_fx_backend_config():
+    import importlib
+
+    import torch
+    from torch.ao.quantization.backend_config import BackendConfig, BackendPatternConfig, DTypeConfig, ObservationType
+    from torch.ao.quantization.backend_config import DTypeWithConstraints
+
+    importlib.import_module("torch.ao.quantization.backend_config.utils")  # needed by set_backend_pattern_config
+    from torch.ao.quantization.backend_config._common_operator_config_utils import (
+        _get_binary_op_configs,
+        _get_cat_config,
+        _get_conv_configs,
+        _get_fixed_qparams_op_configs,
+        _get_linear_configs,
+        _get_share_qparams_op_configs,
+    )
+
+    activation = DTypeWithConstraints(dtype=torch.qint8, quant_min_lower_bound=-128, quant_max_upper_bound=127,
+                                      scale_min_lower_bound=2**-12)
+    weight = DTypeWithConstraints(dtype=torch.qint8, quant_min_lower_bound=-127, quant_max_upper_bound=127,
+                                  scale_min_lower_bound=2**-12)
+    weighted = DTypeConfig(input_dtype=activation, output_dtype=activation, weight_dtype=weight, bias_dtype=torch.float)
+    non_weighted = DTypeConfig(input_dtype=activation, output_dtype=activation)
+    pooling = [
+        BackendPatternConfig(op)
+        .set_observation_type(ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT)
+        .set_dtype_configs([non_weighted])
+        for op in (torch.nn.MaxPool2d, torch.nn.functional.max_pool2d, torch.nn.AdaptiveAvgPool2d,
+                   torch.nn.functional.adaptive_avg_pool2d)
+    ]
+    return (
+        BackendConfig("tflite")
+        .set_backend_pattern_configs(_get_conv_configs([weighted]))
+        .set_backend_pattern_configs(_get_linear_configs([weighted]))
+        .set_backend_pattern_configs(_get_binary_op_configs([non_weighted]))
+        .set_backend_pattern_config(_get_cat_config([non_weighted]))
+        .set_backend_pattern_configs(_get_fixed_qparams_op_configs([non_weighted]))
+        .set_backend_pattern_configs(_get_share_qparams_op_configs([non_weighted]))
+        .set_backend_pattern_configs(pooling)
+    )
+
+
+register_backend(
+    Backend(
+        name="tflite",
+        # PyTorch's int8 kernels take only uint8 activations: no eager mode, and FX's int8 model is
+        # the PT2E Q/DQ program (``torch_int8_kernels=False``). The engine only names the FX qconfig defaults.
+        engine="qnnpack",
+        modes=frozenset({"fx", "pt2e"}),
+        torch_int8_kernels=False,
+        activation=TensorQuantSpec("int8", -128, 127, symmetric=False, per_channel=False),
+        weight=TensorQuantSpec("int8", -127, 127, symmetric=True, per_channel=True),
+        fx_backend_config=tflite_fx_backend_config,
+        pt2e_quantizer=litert_quantizer,
+        shared_split_qparams=True,
+        description="LiteRT (TFLite) int8 through litert-torch's PT2E quantizer and converter",
+    )
+)

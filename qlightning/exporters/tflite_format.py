@@ -1,0 +1,119 @@
+"""LiteRT (TFLite) flatbuffer through litert-torch's converter, run in ai-edge-litert's Interpreter.
+
+The converted PT2E program comes with float weights behind quantize/dequantize pairs
+(``fold_quantize=False``): litert-torch's converter rejects ``dequantize`` of an int8 constant
+(litert-torch issue 400, the QAT models that "fail to convert"). The batch dimension is fixed to the
+example inputs' batch (litert-torch 0.10 cannot lower a dynamic batch through reshapes); ``run``
+feeds other batch sizes in chunks of it. With int8 model inputs/outputs the float inputs are
+quantized with the input tensor's qparams and the outputs dequantized, as an app would.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# Ops that compute (rather than move data); quantized when their first input is int8.
+_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL", "ADD", "MUL", "SUB",
+            "AVERAGE_POOL_2D", "MEAN"}
+_WEIGHTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED"}
+
+
+def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
+    import litert_torch
+
+    for name in ("litert_torch", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    # The converter reads one thing from quant_config: that the graph's Q/DQ are static
+    # (qdq_conversion_mode="STATIC"), so it fuses them into int8 kernels instead of keeping
+    # QUANTIZE / DEQUANTIZE around float ops. The quantizer itself is not run again.
+    static = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config()))
+    edge = litert_torch.convert(converted.graph_module, tuple(x.cpu() for x in example_inputs), quant_config=static)
+    edge.export(str(path))
+
+
+def _interpreter(path: Path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=str(path), num_threads=2)
+
+
+def _to_input(detail: dict, x: np.ndarray) -> np.ndarray:
+    if detail["dtype"] in (np.int8, np.uint8):
+        scale, zero_point = detail["quantization"]
+        info = np.iinfo(detail["dtype"])
+        return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(detail["dtype"])
+    return x.astype(detail["dtype"])
+
+
+def _from_output(detail: dict, y: np.ndarray) -> np.ndarray:
+    if detail["dtype"] in (np.int8, np.uint8):
+        scale, zero_point = detail["quantization"]
+        return (y.astype(np.float32) - zero_point) * scale
+    return y.astype(np.float32)
+
+
+def run(path: Path, inputs: tuple) -> np.ndarray:
+    interpreter = _interpreter(path)
+    interpreter.allocate_tensors()
+    input_details, output = interpreter.get_input_details(), interpreter.get_output_details()[0]
+    batch = int(input_details[0]["shape"][0])
+    arrays = [x.detach().cpu().numpy().astype(np.float32) for x in inputs]
+    total = arrays[0].shape[0]
+    results = []
+    for start in range(0, total, batch):
+        for detail, array in zip(input_details, arrays):
+            chunk = array[start : start + batch]
+            if chunk.shape[0] < batch:  # pad the last chunk to the model's batch, trimmed below
+                chunk = np.concatenate([chunk, np.zeros((batch - chunk.shape[0], *chunk.shape[1:]), chunk.dtype)])
+            interpreter.set_tensor(detail["index"], _to_input(detail, chunk))
+        interpreter.invoke()
+        results.append(_from_output(output, interpreter.get_tensor(output["index"])))
+    return np.concatenate(results)[:total]
+
+
+def _ops(path: Path) -> tuple[list[dict], dict[int, dict]]:
+    interpreter = _interpreter(path)
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return interpreter._get_ops_details(), tensors
+
+
+def op_counts(path: Path) -> tuple[int, int]:
+    """(compute ops on int8 inputs, compute ops on float inputs)."""
+    quantized = floating = 0
+    ops, tensors = _ops(path)
+    for op in ops:
+        if op["op_name"] not in _COMPUTE or len(op["inputs"]) == 0 or op["inputs"][0] < 0:
+            continue
+        if tensors[op["inputs"][0]]["dtype"] in (np.int8, np.uint8):
+            quantized += 1
+        else:
+            floating += 1
+    return quantized, floating
+
+
+def float_size_bytes(path: Path) -> int:
+    """The file's size with the int8 weights of conv / fully-connected ops stored as fp32."""
+    ops, tensors = _ops(path)
+    eight_bit = 0
+    for op in ops:
+        if op["op_name"] in _WEIGHTED and len(op["inputs"]) > 1:
+            weight = tensors[op["inputs"][1]]
+            if weight["dtype"] == np.int8:
+                eight_bit += int(np.prod(weight["shape"]))
+    return path.stat().st_size + 3 * eight_bit
+
+
+def runtime_version() -> str:
+    from importlib.metadata import version
+
+    return f"ai-edge-litert {version('ai-edge-litert')}, litert-torch {version('litert-torch')}"

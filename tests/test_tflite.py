@@ -1,0 +1,80 @@
+"""LiteRT (TFLite): the `tflite` backend (litert-torch's PT2E quantizer; an FX BackendConfig mirroring
+its patterns) and `format="tflite"` (litert-torch's converter, verified in ai-edge-litert's
+Interpreter with int8 tensors)."""
+
+import copy
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from qlightning import QuantizationAwareTraining, export
+from qlightning.exporters import tflite_format
+from qlightning.exporters.program import unfold_quantized_weights
+from tests.conftest import trainer_kwargs
+from tests.test_passes import SmallCNN, _inputs, _trained
+
+
+@pytest.mark.parametrize("mode", ["fx", "pt2e"])
+def test_qat_digits_cnn_runs_in_litert_within_2_points_of_float(mode, float_baseline, digits, tmp_path):
+    float_model, float_acc = float_baseline
+    model = copy.deepcopy(float_model)
+    model.hparams.lr = 1e-3
+    qat = QuantizationAwareTraining(mode, "tflite", freeze_bn_epoch=1, freeze_observers_epoch=2,
+                                    export=["tflite"], export_dir=tmp_path)
+    L.seed_everything(0, verbose=False)
+    L.Trainer(**trainer_kwargs(max_epochs=3, limit_train_batches=None, limit_val_batches=0, callbacks=[qat])).fit(
+        model, digits
+    )
+    path = tmp_path / "net.tflite"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.tflite", "net.tflite.report.json"]
+    report = json.loads((tmp_path / "net.tflite.report.json").read_text())
+    assert report["runtime"] == "ai-edge-litert"
+    assert report["num_quantized_ops"] == 4 and report["num_float_ops"] == 0  # 2 convs + 2 fully connected, int8
+    assert report["top1_agreement"] >= 0.99 and report["size_bytes"] < report["float_size_bytes"] / 2
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    dtypes = {t["dtype"] for t in interpreter.get_tensor_details()}
+    assert np.int8 in dtypes and interpreter.get_input_details()[0]["dtype"] == np.int8
+
+    litert_logits = np.concatenate([tflite_format.run(path, (x,)) for x, _ in digits.val_dataloader()])
+    labels = np.concatenate([y.numpy() for _, y in digits.val_dataloader()])
+    litert_acc = 100.0 * float((litert_logits.argmax(1) == labels).mean())
+    print(f"{mode}: float {float_acc:.2f}  LiteRT int8 {litert_acc:.2f}")
+    assert litert_acc >= float_acc - 2.0
+    model.eval()
+    with torch.no_grad():
+        torch_top1 = np.concatenate([model(x).argmax(1).numpy() for x, _ in digits.val_dataloader()])
+    assert (torch_top1 == litert_logits.argmax(1)).mean() >= 0.99
+    # The int8 model in torch (FX: through PT2E, as no PyTorch kernel takes int8 activations) agrees too.
+    with torch.no_grad():
+        int8_top1 = np.concatenate([qat.quantized_model(x).argmax(1).numpy() for x, _ in digits.val_dataloader()])
+    assert (int8_top1 == litert_logits.argmax(1)).mean() >= 0.99
+
+
+def test_a_converted_model_with_int8_weight_constants_is_unfolded_for_litert(tmp_path):
+    """litert-torch rejects dequantize(int8 constant) (issue 400): a model converted with
+    fold_quantize=True is unfolded to float weights + quantize/dequantize, computing the same."""
+    impl, backend, prepared = _trained("pt2e", SmallCNN(), ptq=True, backend="tflite")
+    converted = impl.convert(prepared, backend)  # int8 weight constants
+    gm = copy.deepcopy(converted.graph_module)
+    assert unfold_quantized_weights(gm) == 4
+    x = _inputs(8)[0]
+    torch.testing.assert_close(gm(x), converted(x), rtol=0, atol=0)
+    report = export(converted, _inputs(4), "tflite", tmp_path / "net.tflite")
+    assert report["num_quantized_ops"] == 4 and report["top1_agreement"] == 1.0
+
+
+def test_tflite_export_without_its_extra_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "litert_torch" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"format='tflite' needs litert_torch, which is not installed: "
+                                          r"pip install 'qlightning\[tflite\]'"):
+        QuantizationAwareTraining("pt2e", "tflite", export=["tflite"])
