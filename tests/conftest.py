@@ -1,4 +1,7 @@
+import copy
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +52,29 @@ def classifier():
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+def qat_from_float_baseline(float_baseline, digits, mode: str, backend: str, **callback_kwargs):
+    """Three QAT epochs (BN frozen from epoch 1, observers from 2) on a copy of the float baseline;
+    returns the trained LightningModule and its QuantizationAwareTraining callback."""
+    from qlightning import QuantizationAwareTraining
+
+    model = copy.deepcopy(float_baseline[0])
+    model.hparams.lr = 1e-3
+    qat = QuantizationAwareTraining(mode, backend, freeze_bn_epoch=1, freeze_observers_epoch=2, **callback_kwargs)
+    L.seed_everything(0, verbose=False)
+    L.Trainer(**trainer_kwargs(max_epochs=3, limit_train_batches=None, limit_val_batches=0, callbacks=[qat])).fit(
+        model, digits
+    )
+    return model, qat
+
+
+def predictions(run, dataloader) -> np.ndarray:
+    """Top-1 class of ``run(x)`` (a torch model or a runtime's run function) over a whole loader."""
+    with torch.no_grad():
+        return np.concatenate([np.asarray(run(x)).argmax(1) for x, _ in dataloader])
+
+
+def labels(dataloader) -> np.ndarray:
+    return np.concatenate([y.numpy() for _, y in dataloader])
+

@@ -5,7 +5,6 @@ Interpreter with int8 tensors)."""
 import copy
 import json
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -13,21 +12,14 @@ import torch
 from qlightning import QuantizationAwareTraining, export
 from qlightning.exporters import tflite_format
 from qlightning.exporters.program import unfold_quantized_weights
-from tests.conftest import trainer_kwargs
+from tests.conftest import labels, predictions, qat_from_float_baseline
 from tests.test_passes import SmallCNN, _inputs, _trained
 
 
 @pytest.mark.parametrize("mode", ["fx", "pt2e"])
 def test_qat_digits_cnn_runs_in_litert_within_2_points_of_float(mode, float_baseline, digits, tmp_path):
-    float_model, float_acc = float_baseline
-    model = copy.deepcopy(float_model)
-    model.hparams.lr = 1e-3
-    qat = QuantizationAwareTraining(mode, "tflite", freeze_bn_epoch=1, freeze_observers_epoch=2,
-                                    export=["tflite"], export_dir=tmp_path)
-    L.seed_everything(0, verbose=False)
-    L.Trainer(**trainer_kwargs(max_epochs=3, limit_train_batches=None, limit_val_batches=0, callbacks=[qat])).fit(
-        model, digits
-    )
+    model, qat = qat_from_float_baseline(float_baseline, digits, mode, "tflite", export=["tflite"],
+                                         export_dir=tmp_path)
     path = tmp_path / "net.tflite"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.tflite", "net.tflite.report.json"]
     report = json.loads((tmp_path / "net.tflite.report.json").read_text())
@@ -41,19 +33,15 @@ def test_qat_digits_cnn_runs_in_litert_within_2_points_of_float(mode, float_base
     dtypes = {t["dtype"] for t in interpreter.get_tensor_details()}
     assert np.int8 in dtypes and interpreter.get_input_details()[0]["dtype"] == np.int8
 
-    litert_logits = np.concatenate([tflite_format.run(path, (x,)) for x, _ in digits.val_dataloader()])
-    labels = np.concatenate([y.numpy() for _, y in digits.val_dataloader()])
-    litert_acc = 100.0 * float((litert_logits.argmax(1) == labels).mean())
-    print(f"{mode}: float {float_acc:.2f}  LiteRT int8 {litert_acc:.2f}")
-    assert litert_acc >= float_acc - 2.0
+    val = digits.val_dataloader()
+    litert_top1 = predictions(lambda x: tflite_format.run(path, (x,)), val)
+    litert_acc = 100.0 * float((litert_top1 == labels(val)).mean())
+    print(f"{mode}: float {float_baseline[1]:.2f}  LiteRT int8 {litert_acc:.2f}")
+    assert litert_acc >= float_baseline[1] - 2.0
     model.eval()
-    with torch.no_grad():
-        torch_top1 = np.concatenate([model(x).argmax(1).numpy() for x, _ in digits.val_dataloader()])
-    assert (torch_top1 == litert_logits.argmax(1)).mean() >= 0.99
+    assert (predictions(model, val) == litert_top1).mean() >= 0.99
     # The int8 model in torch (FX: through PT2E, as no PyTorch kernel takes int8 activations) agrees too.
-    with torch.no_grad():
-        int8_top1 = np.concatenate([qat.quantized_model(x).argmax(1).numpy() for x, _ in digits.val_dataloader()])
-    assert (int8_top1 == litert_logits.argmax(1)).mean() >= 0.99
+    assert (predictions(qat.quantized_model, val) == litert_top1).mean() >= 0.99
 
 
 def test_a_converted_model_with_int8_weight_constants_is_unfolded_for_litert(tmp_path):

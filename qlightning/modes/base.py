@@ -83,17 +83,16 @@ class QuantMode(ABC):
         start from it; ``prepared`` itself stays trainable."""
         unobserved = unobserved_quantizers(prepared)
         if unobserved:
-            shown = ", ".join(unobserved[:5]) + (f" and {len(unobserved) - 5} more" if len(unobserved) > 5 else "")
             raise QuantizationConfigError(
-                f"{len(unobserved)} quantizers saw no data before conversion ({shown}): the network never ran "
-                "during training or calibration. Check that `module=` names the network the LightningModule "
+                f"{len(unobserved)} quantizers saw no data before conversion ({_shown(unobserved)}): the network "
+                "never ran during training or calibration. Check that `module=` names the network the LightningModule "
                 "calls in its steps, and that some batches were run"
             )
         overflowed = overflowed_quantizers(prepared)
         if overflowed:
-            shown = ", ".join(overflowed[:5]) + (f" and {len(overflowed) - 5} more" if len(overflowed) > 5 else "")
             raise QuantizationConfigError(
-                f"{len(overflowed)} quantizers observed NaN/inf values or a range too wide for float32 ({shown}): "
+                f"{len(overflowed)} quantizers observed NaN/inf values or a range too wide for float32 "
+                f"({_shown(overflowed)}): "
                 "their scale would be NaN or inf. The activations diverged or overflowed; check the loss for "
                 "NaN/inf, lower the learning rate, or normalise the inputs"
             )
@@ -136,40 +135,44 @@ class QuantMode(ABC):
         )
 
 
-def unobserved_quantizers(model: nn.Module) -> list[str]:
-    """Names of the min/max-based quantizers whose observer has never seen a tensor."""
+def _shown(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _statistics(model: nn.Module):
+    """(name, min_val, max_val) of every min/max-based quantizer; fake-quantize modules stand for
+    their inner observer, and fixed-qparams, placeholder (dynamic) and learnable ones have none."""
     from qlightning.passes.graph import is_fake_quantize, is_learnable, is_quantizer
 
     quantizers = [(name, m) for name, m in model.named_modules() if is_quantizer(m)]
     owned = {id(m.activation_post_process) for _, m in quantizers if is_fake_quantize(m)}
-    names = []
-    for name, module in quantizers:
-        if id(module) in owned:
-            continue  # the observer inside a fake-quantize module: judged through its owner
-        observer = getattr(module, "activation_post_process", module)
-        min_val = getattr(observer, "min_val", None)
-        if not isinstance(min_val, torch.Tensor) or is_learnable(module):
-            continue  # fixed-qparams, placeholder (dynamic) and learnable quantizers have no statistics
-        max_val = getattr(observer, "max_val", None)
-        if min_val.numel() == 0 or bool((min_val == math.inf).all() and (max_val == -math.inf).all()):
-            names.append(name)  # still the initial (+inf, -inf): never observed
-    return names
-
-
-def overflowed_quantizers(model: nn.Module) -> list[str]:
-    """Names of the quantizers whose statistics or qparams are not finite: they observed NaN/inf
-    activations, or a range whose width (max - min) overflows float32 and so gives an inf scale."""
-    from qlightning.passes.graph import is_fake_quantize, is_learnable, is_quantizer
-
-    quantizers = [(name, m) for name, m in model.named_modules() if is_quantizer(m)]
-    owned = {id(m.activation_post_process) for _, m in quantizers if is_fake_quantize(m)}
-    names = []
     for name, module in quantizers:
         if id(module) in owned or is_learnable(module):
             continue
         observer = getattr(module, "activation_post_process", module)
         min_val, max_val = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
-        if not isinstance(min_val, torch.Tensor) or not isinstance(max_val, torch.Tensor) or min_val.numel() == 0:
+        if isinstance(min_val, torch.Tensor) and isinstance(max_val, torch.Tensor):
+            yield name, module, min_val, max_val
+
+
+def unobserved_quantizers(model: nn.Module) -> list[str]:
+    """Names of the min/max-based quantizers whose observer has never seen a tensor."""
+    return [
+        name
+        for name, _, min_val, max_val in _statistics(model)
+        # still the initial (+inf, -inf): never observed
+        if min_val.numel() == 0 or bool((min_val == math.inf).all() and (max_val == -math.inf).all())
+    ]
+
+
+def overflowed_quantizers(model: nn.Module) -> list[str]:
+    """Names of the quantizers whose statistics or qparams are not finite: they observed NaN/inf
+    activations, or a range whose width (max - min) overflows float32 and so gives an inf scale."""
+    from qlightning.passes.graph import is_fake_quantize
+
+    names = []
+    for name, module, min_val, max_val in _statistics(model):
+        if min_val.numel() == 0:
             continue
         unobserved = (min_val == math.inf) & (max_val == -math.inf)
         observed_min, observed_max = min_val[~unobserved].float(), max_val[~unobserved].float()
