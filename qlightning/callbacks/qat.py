@@ -5,9 +5,9 @@ from __future__ import annotations
 import weakref
 from typing import Any, Sequence
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-import torch
 from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_epoch, check_flag, check_modules_to_fuse
