@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qlightning.passes.graph import is_fake_quantize, is_learnable
+from qlightning.passes.graph import is_fake_quantize, statistics_observers
 
 
 def world_size() -> int:
@@ -38,16 +38,9 @@ def _is_moving_average(observer: nn.Module) -> bool:
 
 
 def _min_max_observers(quantizers: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module, nn.Module]]:
-    """(quantizer, observer) pairs whose statistics live in ``min_val`` / ``max_val`` tensors."""
-    pairs, owned = [], {id(m.activation_post_process) for _, m in quantizers if is_fake_quantize(m)}
-    for _, module in quantizers:
-        if id(module) in owned or is_learnable(module):
-            continue  # learnable qparams are parameters: DDP already keeps them identical
-        observer = getattr(module, "activation_post_process", module)
-        min_val = getattr(observer, "min_val", None)
-        if isinstance(min_val, torch.Tensor) and min_val.numel() > 0:
-            pairs.append((module, observer))
-    return pairs
+    """(quantizer, observer) pairs with statistics to reduce (learnable qparams are parameters, which
+    DDP already keeps identical)."""
+    return [(module, obs) for _, module, obs in statistics_observers(quantizers) if obs.min_val.numel() > 0]
 
 
 def _all_reduce_flat(tensors: list[torch.Tensor], op) -> list[torch.Tensor]:

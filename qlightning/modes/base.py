@@ -140,19 +140,12 @@ def _shown(names: list[str], limit: int = 5) -> str:
 
 
 def _statistics(model: nn.Module):
-    """(name, min_val, max_val) of every min/max-based quantizer; fake-quantize modules stand for
-    their inner observer, and fixed-qparams, placeholder (dynamic) and learnable ones have none."""
-    from qlightning.passes.graph import is_fake_quantize, is_learnable, is_quantizer
+    """(name, quantizer, min_val, max_val) of every min/max-based quantizer of ``model``."""
+    from qlightning.passes.graph import is_quantizer, statistics_observers
 
     quantizers = [(name, m) for name, m in model.named_modules() if is_quantizer(m)]
-    owned = {id(m.activation_post_process) for _, m in quantizers if is_fake_quantize(m)}
-    for name, module in quantizers:
-        if id(module) in owned or is_learnable(module):
-            continue
-        observer = getattr(module, "activation_post_process", module)
-        min_val, max_val = getattr(observer, "min_val", None), getattr(observer, "max_val", None)
-        if isinstance(min_val, torch.Tensor) and isinstance(max_val, torch.Tensor):
-            yield name, module, min_val, max_val
+    for name, module, observer in statistics_observers(quantizers):
+        yield name, module, observer.min_val, observer.max_val
 
 
 def unobserved_quantizers(model: nn.Module) -> list[str]:

@@ -52,6 +52,24 @@ def is_learnable(module) -> bool:
     return any(isinstance(p, nn.Parameter) for p in module.parameters(recurse=False))
 
 
+def statistics_observers(quantizers) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, quantizer, observer) for each of ``quantizers`` ((name, module) pairs) whose statistics
+    live in ``min_val`` / ``max_val`` tensors. A fake-quantize module stands for its inner observer
+    (listed or not); fixed-qparams, placeholder (dynamic) and learnable quantizers have no statistics."""
+    quantizers = list(quantizers)
+    owned = {id(m.activation_post_process) for _, m in quantizers if is_fake_quantize(m)}
+    found = []
+    for name, module in quantizers:
+        if id(module) in owned or is_learnable(module):
+            continue
+        observer = getattr(module, "activation_post_process", module)
+        if isinstance(getattr(observer, "min_val", None), torch.Tensor) and isinstance(
+            getattr(observer, "max_val", None), torch.Tensor
+        ):
+            found.append((name, module, observer))
+    return found
+
+
 def quantizer_node(gm: fx.GraphModule, node) -> bool:
     return (
         isinstance(node, fx.Node)
