@@ -12,6 +12,10 @@ class UntraceableModelError(RuntimeError):
 def unknown_choice(kind: str, value: object, valid) -> QuantizationConfigError:
     """Build the error for ``kind=value`` when only ``valid`` are allowed."""
     valid_list = ", ".join(repr(v) for v in sorted(valid))
+    if not isinstance(value, str):
+        return QuantizationConfigError(
+            f"{kind} must be one name (a string), got {value!r} ({type(value).__name__}); valid {kind}s are: {valid_list}"
+        )
     return QuantizationConfigError(f"unknown {kind} {value!r}; valid {kind}s are: {valid_list}")
 
 

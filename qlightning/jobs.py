@@ -32,7 +32,7 @@ def _build(node: DictConfig, drop: tuple[str, ...] = ()):
         return instantiate({k: v for k, v in node.items() if k not in drop})
     except InstantiationException as exc:
         # Surface our own validation errors as themselves, not wrapped in Hydra's.
-        if isinstance(exc.__cause__, QuantizationConfigError):
+        if isinstance(exc.__cause__, (QuantizationConfigError, ImportError)):
             raise exc.__cause__ from None
         raise
 

@@ -30,3 +30,54 @@ def quantized_engine(engine: str):
         torch.backends.quantized.engine = previous
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=warn_only)
+
+
+class _EngineScope:
+    """Forward hooks running a module inside :func:`quantized_engine` (a plain object, so the model
+    still deep-copies and pickles)."""
+
+    def __init__(self, engine: str):
+        self.engine = engine
+        self._open: list = []  # one entry per forward in progress (re-entrant)
+
+    def enter(self, module, args) -> None:
+        scope = quantized_engine(self.engine)
+        scope.__enter__()
+        self._open.append(scope)
+
+    def exit(self, module, args, output) -> None:
+        if self._open:
+            self._open.pop().__exit__(None, None, None)
+
+    def __getstate__(self):
+        return {"engine": self.engine, "_open": []}
+
+
+def bind_quantized_engine(model: torch.nn.Module, engine: str) -> torch.nn.Module:
+    """Make ``model`` (an eager/FX int8 model) select ``engine`` whenever it runs, so it works as
+    handed out: whatever ``torch.backends.quantized.engine`` is, and under
+    ``torch.use_deterministic_algorithms(True)``. Returns ``model``."""
+    _attach_engine_scope(model, engine)
+    if isinstance(model, torch.fx.GraphModule) and not any(
+        isinstance(hook, _RebindOnCopy) for hook in model._deepcopy_hooks
+    ):
+        # torch 2.14's GraphModule.__deepcopy__ drops forward hooks (it keeps only state-dict hooks, see
+        # the comment there); its deepcopy hooks run on the copy, so bind the copy again. The hook list
+        # is copied along, so copies of copies stay bound.
+        model._register_deepcopy_hook(_RebindOnCopy(engine))
+    return model
+
+
+class _RebindOnCopy:
+    def __init__(self, engine: str):
+        self.engine = engine
+
+    def __call__(self, copied: torch.nn.Module) -> None:
+        _attach_engine_scope(copied, self.engine)
+
+
+def _attach_engine_scope(model: torch.nn.Module, engine: str) -> None:
+    scope = _EngineScope(engine)
+    model.register_forward_pre_hook(scope.enter)
+    # always_call: the engine and determinism settings are restored when forward raises, too.
+    model.register_forward_hook(scope.exit, always_call=True)

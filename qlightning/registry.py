@@ -23,10 +23,9 @@ class Registry(Generic[T]):
         return entry
 
     def get(self, name: str) -> T:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise unknown_choice(self.kind, name, self._entries) from None
+        if not isinstance(name, str) or name not in self._entries:  # a list is unhashable: check the type first
+            raise unknown_choice(self.kind, name, self._entries)
+        return self._entries[name]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

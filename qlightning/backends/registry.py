@@ -33,6 +33,20 @@ class Backend:
     # Whether PyTorch's int8 kernels (``engine``) run this layout; if not, FX converts through PT2E.
     torch_int8_kernels: bool = True
     description: str = ""
+    # pip extra bringing the modules its quantizer needs (checked when a callback is constructed)
+    extra: str | None = None
+    required_modules: tuple[str, ...] = ()
+
+    def check_installed(self) -> None:
+        """Raise ImportError naming the pip extra when a module the backend's quantizer needs is missing."""
+        import importlib.util
+
+        missing = [m for m in self.required_modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(
+                f"backend={self.name!r} needs {', '.join(missing)}, which is not installed: "
+                f"pip install 'qlightning[{self.extra}]'"
+            )
 
 
 _BACKENDS: Registry[Backend] = Registry("backend")

@@ -117,5 +117,8 @@ register_backend(
         pt2e_quantizer=litert_quantizer,
         shared_split_qparams=True,
         description="LiteRT (TFLite) int8 through litert-torch's PT2E quantizer and converter",
+        extra="tflite",
+        # The FX BackendConfig needs only torch.ao; the PT2E quantizer is litert-torch's own.
+        required_modules=("litert_torch",),
     )
 )

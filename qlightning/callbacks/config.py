@@ -37,6 +37,8 @@ def build_recipe(
         raise QuantizationConfigError(
             f"backend {backend!r} does not support mode {mode!r}; it supports {sorted(backend_obj.modes)}"
         )
+    if mode == "pt2e":  # the FX BackendConfigs are torch.ao's; the PT2E quantizers may be a pip extra's
+        backend_obj.check_installed()
     get_observer(observer)
     w_sym, w_pc = _scheme("weight", weight_scheme, WEIGHT_SCHEMES)
     a_sym, a_pc = _scheme("activation", activation_scheme, ACTIVATION_SCHEMES)
@@ -52,6 +54,14 @@ def check_modules_to_fuse(mode: str, modules_to_fuse) -> None:
     if modules_to_fuse is not None and mode != "eager":
         raise QuantizationConfigError(
             f"modules_to_fuse applies to mode='eager' only; mode={mode!r} fuses from its BackendConfig/Quantizer"
+        )
+    if modules_to_fuse is not None and (
+        isinstance(modules_to_fuse, str)
+        or not all(not isinstance(g, str) and all(isinstance(n, str) for n in g) for g in modules_to_fuse)
+    ):
+        raise QuantizationConfigError(
+            f"modules_to_fuse must be a list of groups of submodule names, e.g. [['conv1', 'bn1', 'relu1']], "
+            f"got {modules_to_fuse!r}"
         )
 
 

@@ -15,13 +15,16 @@ from qlightning.exporters import export, get_format
 CHECK_BATCHES = 4
 
 
-def check_export_formats(export_formats) -> tuple[str, ...]:
+def check_export_formats(export_formats, backend: str) -> tuple[str, ...]:
+    """The formats to export to, checked before any training: known names, installed extras, and
+    runtimes that run ``backend``'s integer layout."""
     if export_formats is None:
         return ()
     if isinstance(export_formats, str) or not all(isinstance(f, str) for f in export_formats):
         raise QuantizationConfigError(f"export must be a list of format names, e.g. ['onnx'], got {export_formats!r}")
     for name in export_formats:
         # Unknown names fail now, listing the valid ones; so does a format whose extra is missing.
+        get_format(name).check_backend(backend)
         get_format(name).check_installed()
     return tuple(export_formats)
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_flag, check_modules_to_fuse
 from qlightning.callbacks.exporting import check_export_formats, export_formats, first_element_inputs
-from qlightning.callbacks.target import resolve_example_inputs, resolve_network
+from qlightning.callbacks.target import check_float_network, resolve_example_inputs, resolve_network
 from qlightning.distributed import sync_quantizer_statistics
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
@@ -97,7 +97,7 @@ class PostTrainingQuantization(Callback):
         check_modules_to_fuse(mode, modules_to_fuse)
         check_flag("merge_relu", merge_relu)
         self.merge_relu = merge_relu
-        self.export = check_export_formats(export)
+        self.export = check_export_formats(export, self.backend.name)
         if self.export and dynamic and mode != "pt2e":
             raise QuantizationConfigError(
                 f"dynamic PTQ in mode={mode!r} makes torch.ao dynamic int8 modules, which the exporters cannot read; "
@@ -154,6 +154,7 @@ class PostTrainingQuantization(Callback):
         self._example = resolve_example_inputs(pl_module, self.example_inputs)
         self._impl = get_mode(self.mode)
         network = getattr(pl_module, self._attr)
+        check_float_network(network, self._attr)
         self._check_layers(network)
         if stage == "fit":
             # Quantization happens after training: find out now if the network cannot be captured

@@ -12,7 +12,8 @@ from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_epoch, check_flag, check_modules_to_fuse
 from qlightning.callbacks.exporting import check_export_formats, export_formats
-from qlightning.callbacks.target import resolve_example_inputs, resolve_network
+from qlightning.callbacks.observation import ObservationPause, pause_observation
+from qlightning.callbacks.target import check_float_network, resolve_example_inputs, resolve_network
 from qlightning.distributed import sync_quantizer_statistics, sync_running_stats
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
@@ -72,7 +73,7 @@ class QuantizationAwareTraining(Callback):
         check_flag("fold_bn", fold_bn)
         check_flag("merge_relu", merge_relu)
         self.fold_bn, self.merge_relu = fold_bn, merge_relu
-        self.export = check_export_formats(export)
+        self.export = check_export_formats(export, self.backend.name)
         self.export_dir = export_dir
         # Reports of the files exported at the last fit end, by format.
         self.exported: dict[str, dict] = {}
@@ -95,6 +96,8 @@ class QuantizationAwareTraining(Callback):
         self._prepared: nn.Module | None = None
         self._rank_synced: tuple[list, list] | None = None
         self._trainer: Trainer | None = None
+        # Set while a non-train stage (summary, sanity check, validate, test, predict) has observation paused.
+        self._paused: ObservationPause | None = None
 
     # -- identity ---------------------------------------------------------------------------------
     @property
@@ -133,12 +136,15 @@ class QuantizationAwareTraining(Callback):
         if stage != "fit":
             return
         if self._prepared is not None and getattr(pl_module, self._attr, None) is self._prepared:
-            return  # fit called again: keep training the prepared network
+            # fit called again: keep training the prepared network
+            self._pause_observation()
+            return
         self._attr = resolve_network(pl_module, self.module)
         example_inputs = resolve_example_inputs(pl_module, self.example_inputs)
         self._example = example_inputs
         self._impl = get_mode(self.mode)
         network = getattr(pl_module, self._attr)
+        check_float_network(network, self._attr)
         prepared = self._impl.prepare_qat(
             network, example_inputs, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse
         )
@@ -159,11 +165,37 @@ class QuantizationAwareTraining(Callback):
             if callback() is not None:
                 callback()._on_network_state_load(module, state_dict, prefix, *args)
 
+        def on_state_loaded(module, incompatible_keys):
+            if callback() is not None:
+                callback()._on_network_state_loaded()
+
         prepared.register_load_state_dict_pre_hook(on_state_load)
+        prepared.register_load_state_dict_post_hook(on_state_loaded)
         rank_zero_info(
             f"qlightning: prepared `{self._attr}` for QAT (mode={self.mode}, backend={self.backend.name}, "
             f"observer={self.observer}, {len(self._impl.quantizers(prepared))} quantizers)"
         )
+        # Lightning's model summary and sanity check run forwards before training starts.
+        self._pause_observation()
+
+    # -- quantizers observe in the train stage only -------------------------------------------------
+    def _pause_observation(self) -> None:
+        if self._prepared is not None and self._paused is None:
+            self._paused = pause_observation(self._impl, self._prepared)
+
+    def _resume_observation(self) -> None:
+        if self._paused is None:
+            return
+        self._paused.restore()
+        self._paused = None
+        if self.observers_frozen:  # frozen while paused (a restored checkpoint, or by hand)
+            self._impl.set_observers_enabled(self._prepared, False)
+
+    def _on_network_state_loaded(self) -> None:
+        # A restored checkpoint brings its own observer flags: those are the state to return to.
+        if self._paused is not None:
+            self._paused = None
+            self._pause_observation()
 
     def _on_network_state_load(self, module, state_dict, prefix, *args) -> None:
         # Lightning restores the model before any callback state, so a checkpoint from another quant
@@ -199,16 +231,32 @@ class QuantizationAwareTraining(Callback):
         if self.bn_frozen:
             self._impl.enforce_frozen_bn(self._prepared)
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._resume_observation()
+
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # torch.ao and torchao quantizers observe whatever passes through them, eval mode included:
-        # validation would move qparams with validation data (and, under DDP, apart on each rank).
-        # Like BatchNorm in eval, they only read their statistics while validating.
-        if self._prepared is not None and not self.observers_frozen:
-            self._impl.set_observers_enabled(self._prepared, False)
+        # Like BatchNorm in eval, quantizers only read their statistics outside training: validation
+        # data must not move qparams (nor, under DDP, move them apart on each rank).
+        self._pause_observation()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._prepared is not None and not self.observers_frozen:
-            self._impl.set_observers_enabled(self._prepared, True)
+        if not trainer.sanity_checking:  # the sanity check's pause lasts until training starts
+            self._resume_observation()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._pause_observation()
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._resume_observation()
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._pause_observation()
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._resume_observation()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._resume_observation()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._rank_synced is not None:
@@ -235,6 +283,7 @@ class QuantizationAwareTraining(Callback):
         # Teardown has already moved the module to CPU; convert works on a CPU copy either way.
         if self._prepared is None:
             return
+        self._resume_observation()  # fit may end without a train stage (max_epochs already reached)
         self.finalized_network = self._impl.finalize(
             self._prepared, self._example, fold_bn=self.fold_bn, merge_relu=self.merge_relu,
             share_split=self.backend.shared_split_qparams,

@@ -37,6 +37,21 @@ def resolve_network(pl_module: nn.Module, module: str | None) -> str:
     )
 
 
+def check_float_network(network: nn.Module, attr: str) -> None:
+    """Refuse a network that already holds quantizers (prepared for QAT/PTQ, or fake-quantized):
+    quantizing it again would trace qlightning's own wrappers and fail far from the cause."""
+    from qlightning.passes.graph import is_quantizer
+
+    quantizers = [name for name, m in network.named_modules() if is_quantizer(m)]
+    if quantizers:
+        shown = ", ".join(quantizers[:3]) + (", ..." if len(quantizers) > 3 else "")
+        raise QuantizationConfigError(
+            f"`{attr}` is already prepared for quantization: it holds {len(quantizers)} quantizers ({shown}). "
+            "Quantize the float network (a fresh model, or one restored from a float checkpoint); the int8 model "
+            "of a QAT run is `QuantizationAwareTraining.quantized_model`"
+        )
+
+
 def resolve_example_inputs(pl_module, example_inputs) -> tuple:
     inputs = example_inputs if example_inputs is not None else getattr(pl_module, "example_input_array", None)
     if inputs is None:

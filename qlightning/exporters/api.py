@@ -102,6 +102,8 @@ def export(
     ``<name>.report.json`` are written atomically; the report is returned.
     """
     fmt = get_format(format)
+    if backend is not None:
+        fmt.check_backend(backend)
     implementation = fmt.load()
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in example_inputs)

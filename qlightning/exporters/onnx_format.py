@@ -2,11 +2,14 @@
 
 The program's ``quantized_decomposed`` quantize/dequantize ops become ONNX QuantizeLinear /
 DequantizeLinear around float ops, the layout ONNX Runtime fuses into integer kernels (QLinearConv,
-QGemm, QLinearAdd, ...). The batch dimension is dynamic and named ``batch``.
+QGemm, QLinearAdd, ...). The batch dimension is dynamic and named ``batch``. A quantizer whose integer
+range is narrower than its dtype (FBGEMM's 7-bit activations) gets a ``Clip`` of its integers after
+``QuantizeLinear``, which has no range of its own (:mod:`qlightning.passes.quant_range`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -21,6 +24,9 @@ _PLUMBING = {
     "Gather", "Constant", "Identity", "Cast", "Slice", "Split", "Concat", "ConstantOfShape", "Expand",
 }
 
+# What a reduced-range quantizer's integer clamp after QuantizeLinear is exported as.
+_INTEGER_CLAMPS = {"Clip", "Min", "Max"}
+
 
 def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
     import onnx
@@ -31,7 +37,11 @@ def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None
     # The ONNX optimizer logs every initializer it deduplicates at INFO; Hydra apps show INFO.
     for name in ("onnx_ir", "onnxscript"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    gm = converted.graph_module
+    from qlightning.passes.quant_range import clamp_to_quant_range
+
+    # On a copy: the converted program stays the torch model the file is checked against.
+    gm = copy.deepcopy(converted.graph_module)
+    clamp_to_quant_range(gm)
     dynamic = dynamic_batch(example_inputs, torch.export.Dim("batch"))
     program = torch.export.export(gm, example_inputs, dynamic_shapes=dynamic)
     onnx_program = torch.onnx.export(program, example_inputs, dynamo=True, optimize=True, verbose=False)
@@ -74,7 +84,9 @@ def _session(path: Path):
 
 def op_counts(path: Path) -> tuple[int, int]:
     """(quantized, float) compute ops: an op is quantized when an input comes from DequantizeLinear
-    (ONNX Runtime fuses DQ -> op -> Q into its integer kernel)."""
+    (ONNX Runtime fuses DQ -> op -> Q into its integer kernel). A clamp of QuantizeLinear's integers
+    (a reduced range: ``Clip``, or ``Min`` / ``Max`` where the ONNX optimizer turned a one-sided Clip
+    into them) is part of the quantization, not compute."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -82,6 +94,9 @@ def op_counts(path: Path) -> tuple[int, int]:
     quantized = floating = 0
     for node in graph.node:
         if node.op_type in _PLUMBING:
+            continue
+        if node.op_type in _INTEGER_CLAMPS and producers.get(node.input[0]) == "QuantizeLinear":
+            producers.update({out: "QuantizeLinear" for out in node.output})  # still Q's integers
             continue
         if any(producers.get(i) == "DequantizeLinear" for i in node.input):
             quantized += 1

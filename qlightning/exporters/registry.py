@@ -24,6 +24,10 @@ class ExportFormat:
     companion_suffixes: tuple[str, ...] = ()
     # Whether the converter takes int8 weight constants (convert_pt2e's fold_quantize=True).
     folded_weights: bool = True
+    # Backends whose integer layout the runtime executes (None: any). LiteRT's XNNPACK delegate
+    # refuses uint8 activations ("unsupported zero-point value (-128) for UINT8 tensor"), which every
+    # backend but `tflite` produces (measured with ai-edge-litert 2.x, 2026-11-25).
+    backends: frozenset[str] | None = None
 
     def check_installed(self) -> None:
         """Raise ImportError naming the pip extra when the format's converter/runtime is missing."""
@@ -31,6 +35,17 @@ class ExportFormat:
             if importlib.util.find_spec(name) is None:
                 hint = f"pip install 'qlightning[{self.extra}]'" if self.extra else f"install {name}"
                 raise ImportError(f"format={self.name!r} needs {name}, which is not installed: {hint}")
+
+    def check_backend(self, backend: str) -> None:
+        """Raise QuantizationConfigError when files of this format cannot run a ``backend`` model."""
+        if self.backends is not None and backend not in self.backends:
+            from qlightning.errors import QuantizationConfigError
+
+            raise QuantizationConfigError(
+                f"export format {self.name!r} cannot run models quantized for backend {backend!r} "
+                f"({self.runtime} would refuse its integer layout); train with backend in {sorted(self.backends)} "
+                f"to export {self.name!r}, or export backend {backend!r} models to another format"
+            )
 
     def load(self):
         self.check_installed()
@@ -56,6 +71,7 @@ register_format(ExportFormat("onnx", ".onnx", "qlightning.exporters.onnx_format"
                              required_modules=("onnx", "onnxruntime", "onnxscript")))
 register_format(ExportFormat("pt2", ".pt2", "qlightning.exporters.pt2_format", "torch"))
 register_format(ExportFormat("tflite", ".tflite", "qlightning.exporters.tflite_format", "ai-edge-litert",
-                             extra="tflite", required_modules=("litert_torch", "ai_edge_litert"), folded_weights=False))
+                             extra="tflite", required_modules=("litert_torch", "ai_edge_litert"), folded_weights=False,
+                             backends=frozenset({"tflite"})))
 register_format(ExportFormat("openvino", ".xml", "qlightning.exporters.openvino_format", "openvino", extra="openvino",
                              required_modules=("openvino", "onnx", "onnxscript"), companion_suffixes=(".bin",)))

@@ -22,6 +22,7 @@ class ImageClassifier(L.LightningModule):
         self.net = net
         self.example_input_array = torch.rand(2, *input_shape)
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
 
     def forward(self, x):
         return self.net(x)
@@ -38,6 +39,18 @@ class ImageClassifier(L.LightningModule):
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
         self.val_acc(logits, y)
         self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("test/loss", F.cross_entropy(logits, y))
+        self.test_acc(logits, y)
+        self.log("test/acc", self.test_acc)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        # Loaders yield (images, labels); a loader of bare images works too.
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -148,14 +148,14 @@ def _statistics(model: nn.Module):
         yield name, module, observer.min_val, observer.max_val
 
 
+def never_observed(min_val: torch.Tensor, max_val: torch.Tensor) -> bool:
+    """Whether min/max statistics are still the initial (+inf, -inf) (or empty, per channel)."""
+    return min_val.numel() == 0 or bool((min_val == math.inf).all() and (max_val == -math.inf).all())
+
+
 def unobserved_quantizers(model: nn.Module) -> list[str]:
     """Names of the min/max-based quantizers whose observer has never seen a tensor."""
-    return [
-        name
-        for name, _, min_val, max_val in _statistics(model)
-        # still the initial (+inf, -inf): never observed
-        if min_val.numel() == 0 or bool((min_val == math.inf).all() and (max_val == -math.inf).all())
-    ]
+    return [name for name, _, min_val, max_val in _statistics(model) if never_observed(min_val, max_val)]
 
 
 def overflowed_quantizers(model: nn.Module) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import warnings
 
 import torch
@@ -10,10 +11,11 @@ import torch.ao.quantization as tq
 from torch import nn
 
 from qlightning.backends import Backend
+from qlightning.errors import QuantizationConfigError
 from qlightning.modes import _ao
 from qlightning.modes.base import QuantMode
 from qlightning.observers import get_observer
-from qlightning.quantized_engine import quantized_engine
+from qlightning.quantized_engine import bind_quantized_engine, quantized_engine
 from qlightning.spec import QuantRecipe
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -89,6 +91,28 @@ def find_modules_to_fuse(net: nn.Module) -> list[list[str]]:
     return groups
 
 
+def _check_fusion_groups(network: nn.Module, groups: list[list[str]]) -> None:
+    """User-given fusion groups must name submodules, in a sequence torch.ao can fuse."""
+    names = dict(network.named_modules())
+    for group in groups:
+        missing = [n for n in group if n not in names]
+        if missing:
+            close = sorted({c for n in missing for c in difflib.get_close_matches(n, names, n=3)})
+            raise QuantizationConfigError(
+                f"modules_to_fuse={groups!r}: {missing} not found in {type(network).__name__}"
+                + (f" (closest names: {close})" if close else "")
+                + "; name submodules as in named_modules(), e.g. ['conv1', 'bn1', 'relu1']"
+            )
+        kinds = tuple(type(names[n]) for n in group)
+        if not any(len(kinds) == len(seq) and all(issubclass(k, t) for k, t in zip(kinds, seq))
+                   for seq in _FUSABLE):
+            allowed = ", ".join("-".join("/".join(c.__name__ for c in t) for t in seq) for seq in _FUSABLE)
+            raise QuantizationConfigError(
+                f"modules_to_fuse group {group} is {'-'.join(k.__name__ for k in kinds)}, which torch.ao cannot fuse; "
+                f"fusable sequences are: {allowed}"
+            )
+
+
 class EagerMode(QuantMode):
     name = "eager"
 
@@ -97,7 +121,11 @@ class EagerMode(QuantMode):
             raise self.untraceable(
                 network, TypeError(f"eager mode wraps a single tensor input, got {len(example_inputs)} inputs")
             )
-        groups = find_modules_to_fuse(network) if modules_to_fuse is None else [list(g) for g in modules_to_fuse]
+        if modules_to_fuse is None:
+            groups = find_modules_to_fuse(network)
+        else:
+            groups = [list(g) for g in modules_to_fuse]
+            _check_fusion_groups(network, groups)
         wrapper = EagerQuantWrapper(network).train(qat)
         if groups:
             # QAT keeps BN as a trainable part of the fused module; PTQ folds it into the conv now.
@@ -126,7 +154,8 @@ class EagerMode(QuantMode):
         qconfig = _ao.dynamic_qconfig(recipe)
         model = copy.deepcopy(network).cpu().eval()
         with quantized_engine(backend.engine):
-            return tq.quantize_dynamic(model, {layer: qconfig for layer in _ao.DYNAMIC_LAYERS})
+            quantized = tq.quantize_dynamic(model, {layer: qconfig for layer in _ao.DYNAMIC_LAYERS})
+        return bind_quantized_engine(quantized, backend.engine)
 
     def _check_convertible(self, wrapper, example_inputs, backend):
         # Eager QAT runs in float, so ops without int8 kernels (``x + y``, functional calls on
@@ -144,7 +173,7 @@ class EagerMode(QuantMode):
     def convert(self, prepared, backend):
         model = copy.deepcopy(prepared).cpu().eval()
         with quantized_engine(backend.engine):
-            return tq.convert(model, inplace=True)
+            return bind_quantized_engine(tq.convert(model, inplace=True), backend.engine)
 
     def fold_bn(self, model, example_inputs):
         from qlightning.passes.fold_qat_bn import fold_bn

@@ -14,7 +14,7 @@ from qlightning.backends import Backend
 from qlightning.modes import _ao
 from qlightning.modes.base import QuantMode
 from qlightning.observers import get_observer
-from qlightning.quantized_engine import quantized_engine
+from qlightning.quantized_engine import bind_quantized_engine, quantized_engine
 from qlightning.spec import QuantRecipe
 
 
@@ -84,11 +84,12 @@ class FxMode(QuantMode):
             return Pt2eMode().convert(ao_to_pt2e(prepared, prepared.meta["qlightning_example_inputs"]), backend)
         model = copy.deepcopy(prepared).cpu().eval()
         with quantized_engine(backend.engine):
-            return convert_fx(
+            converted = convert_fx(
                 model,
                 qconfig_mapping=prepared.meta.get("qlightning_qconfig_mapping"),
                 backend_config=backend.fx_backend_config(),
             )
+        return bind_quantized_engine(converted, backend.engine)
 
     def fold_bn(self, model, example_inputs):
         from qlightning.passes.fold_qat_bn import fold_bn

@@ -46,8 +46,20 @@ def set_exported_training(gm: torch.fx.GraphModule, batchnorm: bool, dropout: bo
                 args[position] = value
                 node.args = tuple(args)
                 changed = True
+        # The training graph counts batches in a separate `num_batches_tracked.add_(1)`; eager BatchNorm
+        # counts only in training, so in eval behaviour the node adds 0 (validation must not change state).
+        if _is_batch_counter(node) and node.args[1] != int(batchnorm):
+            node.args = (node.args[0], int(batchnorm))
+            changed = True
     if changed:
         gm.recompile()
+
+
+def _is_batch_counter(node: torch.fx.Node) -> bool:
+    counter = node.args[0] if node.target == aten.add_.Tensor and node.args else None
+    return isinstance(counter, torch.fx.Node) and counter.op == "get_attr" and str(counter.target).endswith(
+        "num_batches_tracked"
+    )
 
 
 def batchnorm_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -20,7 +20,7 @@ def available_modes() -> list[str]:
 
 
 def validate_mode(name: str) -> str:
-    if name not in _MODES:
+    if not isinstance(name, str) or name not in _MODES:
         raise unknown_choice("mode", name, _MODES)
     return name
 

@@ -3,7 +3,8 @@
 :class:`ExactQParamsObserver` is what ``convert_pt2e`` needs to emit quantize/dequantize with given
 numbers, and its forward fake-quantizes with them, so a graph of them behaves as it will once
 converted. :func:`exact_observer` builds one from any torch.ao or torchao observer / fake-quantize
-module; :func:`simulating_quantization` swaps a graph's plain observers (identity in forward) for such
+module; :func:`freeze_exact_qparams` swaps every quantizer a graph calls for one, for good;
+:func:`simulating_quantization` swaps a graph's plain observers (identity in forward) for such
 fake-quantizers for as long as a check runs.
 """
 
@@ -79,6 +80,35 @@ def exact_observer(quantizer: nn.Module) -> ExactQParamsObserver:
     )
 
 
+def _set_called_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent_name, _, attr = target.rpartition(".")
+    setattr(gm.get_submodule(parent_name), attr, module)
+
+
+def freeze_exact_qparams(gm: fx.GraphModule) -> int:
+    """Swap every quantizer ``gm`` calls for an :class:`ExactQParamsObserver` holding the qparams it
+    applies now (a fake-quantizer: those of its last forward; a plain observer: those conversion would
+    use), in place; returns how many modules were swapped.
+
+    Every call site is visited, not every child: PT2E shares one quantizer module under several names
+    (a max-pool's input and output, a flatten), and ``named_children()`` yields a shared module once,
+    so a walk over children left the aliases as the original fake-quantizers, converted from their
+    observers' statistics instead of the applied qparams. A shared module stays shared (one exact
+    observer for all its names), as the trained model shared it.
+    """
+    exact: dict[int, ExactQParamsObserver] = {}
+    for node in gm.graph.nodes:
+        if not quantizer_node(gm, node):
+            continue
+        module = gm.get_submodule(node.target)
+        if isinstance(module, ExactQParamsObserver):
+            continue
+        if id(module) not in exact:
+            exact[id(module)] = exact_observer(module)
+        _set_called_module(gm, node.target, exact[id(module)])
+    return len(exact)
+
+
 @contextlib.contextmanager
 def simulating_quantization(gm: fx.GraphModule):
     """Within the block, every plain observer called by ``gm`` fake-quantizes with its current
@@ -88,12 +118,10 @@ def simulating_quantization(gm: fx.GraphModule):
         if quantizer_node(gm, node):
             module = gm.get_submodule(node.target)
             if not is_fake_quantize(module) and not isinstance(module, ExactQParamsObserver):
-                parent_name, _, attr = node.target.rpartition(".")
-                parent = gm.get_submodule(parent_name)
-                swapped.append((parent, attr, module))
-                setattr(parent, attr, exact_observer(module))
+                swapped.append((node.target, module))
+                _set_called_module(gm, node.target, exact_observer(module))
     try:
         yield
     finally:
-        for parent, attr, module in reversed(swapped):
-            setattr(parent, attr, module)
+        for target, module in reversed(swapped):
+            _set_called_module(gm, target, module)

@@ -17,29 +17,50 @@ from torch.nn import functional as F
 aten = torch.ops.aten
 
 
-def _quantizer_classes() -> tuple[type, ...]:
-    classes: list[type] = []
+def _pt2e_quantizer_classes() -> tuple[type, ...]:
     try:  # torchao's PT2E quantizers
         from torchao.quantization.pt2e import FakeQuantizeBase
         from torchao.quantization.pt2e.observer import ObserverBase
 
-        classes += [FakeQuantizeBase, ObserverBase]
+        return (FakeQuantizeBase, ObserverBase)
     except ImportError:  # pragma: no cover - torchao is a dependency; keep FX usable without it
-        pass
+        return ()
+
+
+def _ao_quantizer_classes() -> tuple[type, ...]:
     try:  # torch.ao's eager/FX quantizers (may be removed from a future torch)
         import torch.ao.quantization as tq
 
-        classes += [tq.FakeQuantizeBase, tq.ObserverBase]
+        return (tq.FakeQuantizeBase, tq.ObserverBase)
     except ImportError:  # pragma: no cover
-        pass
-    return tuple(classes)
+        return ()
 
 
-_QUANTIZERS = _quantizer_classes()
+# The two hierarchies are disjoint (torchao copied torch.ao's classes; none subclasses the other).
+_PT2E_QUANTIZERS = _pt2e_quantizer_classes()
+_AO_QUANTIZERS = _ao_quantizer_classes()
+_QUANTIZERS = _PT2E_QUANTIZERS + _AO_QUANTIZERS
 
 
 def is_quantizer(module) -> bool:
+    """Any quantizer qlightning makes or meets: torch.ao or torchao fake-quantize / observer modules,
+    and qlightning's own subclasses of them (``ExactQParamsObserver``, the finalized PT2E quantizer)."""
     return isinstance(module, _QUANTIZERS)
+
+
+def quantizer_family(module) -> str | None:
+    """``"pt2e"`` for torchao quantizers (which ``convert_pt2e`` converts; ``ExactQParamsObserver`` is
+    one), ``"ao"`` for torch.ao eager/FX quantizers, ``None`` for anything else.
+
+    Decided by class hierarchy, never by the module a class is defined in: qlightning defines
+    quantizers of its own, and a check on ``type(m).__module__`` (``"torchao..."``) missed them, so a
+    finalized PT2E network, whose quantizers are all ``ExactQParamsObserver``, was "not quantized".
+    """
+    if isinstance(module, _PT2E_QUANTIZERS):
+        return "pt2e"
+    if isinstance(module, _AO_QUANTIZERS):
+        return "ao"
+    return None
 
 
 def is_fake_quantize(module) -> bool:

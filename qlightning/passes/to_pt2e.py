@@ -27,6 +27,7 @@ from torchao.quantization.pt2e.quantizer import Quantizer
 
 from qlightning.passes.exact_qparams import exact_observer
 from qlightning.passes.fold_qat_bn import fold_bn
+from qlightning.passes.graph import is_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,13 @@ class _AnnotateNothing(Quantizer):
         pass
 
 
-def _is_quantizer(module: nn.Module) -> bool:
-    return isinstance(module, (tq.FakeQuantizeBase, tq.ObserverBase))
-
-
 def _swap_quantizers_for_markers(model: nn.Module) -> list[nn.Module]:
     """Replace every quantizer (aliases too, which FX uses to share one) with a marker, in place."""
     quantizers: list[nn.Module] = []
     index_of: dict[int, int] = {}
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
-            if child is not None and _is_quantizer(child):
+            if child is not None and is_quantizer(child):
                 if id(child) not in index_of:
                     index_of[id(child)] = len(quantizers)
                     quantizers.append(child)
