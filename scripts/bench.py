@@ -170,6 +170,7 @@ def monitor_overhead(quick: bool) -> dict:
                 callbacks = [QuantizationAwareTraining("pt2e", "x86")]
                 if side == "monitored":
                     callbacks.append(QParamMonitor(log_every_n_steps=50))
+                # Timing training steps only: no validation, sanity check, summary or progress bar to time.
                 trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, callbacks=[*callbacks, timer],
                                     logger=TensorBoardLogger(tmp, name=f"{side}_{repeat}"), enable_progress_bar=False,
                                     enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
@@ -268,6 +269,7 @@ def qat_epoch_over_handwritten_torchao(quick: bool) -> dict:
         return ExportedNetwork(prepare_qat_pt2e(export_network(SmallCNN().train(), (torch.rand(2, 1, 8, 8),)), quantizer))
 
     def lightning_fit(side: str, network: torch.nn.Module, callbacks: list) -> None:
+        # Timing training epochs only: no validation, sanity check, summary or progress bar to time.
         trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             limit_val_batches=0, callbacks=callbacks + [EpochTimer(side)])

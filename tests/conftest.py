@@ -10,17 +10,18 @@ from qlightning.models import ImageClassifier, SmallCNN, accuracy
 
 
 def trainer_kwargs(**overrides):
+    # Lightning's defaults stay on (sanity check, model summary, progress bar): users keep them, and
+    # they run forwards the callbacks must cope with. Logger and checkpoints are off because these tests
+    # read neither and Lightning would write them into the working directory; tests about them turn
+    # them on with a directory of their own.
     kwargs = dict(
         accelerator="cpu",
         devices=1,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         max_epochs=1,
         limit_train_batches=4,
         limit_val_batches=1,
-        num_sanity_val_steps=0,
     )
     kwargs.update(overrides)
     return kwargs
@@ -39,6 +40,7 @@ def float_baseline(digits):
     before training it further."""
     L.seed_everything(0, verbose=False)
     model = ImageClassifier(SmallCNN(), lr=3e-3)
+    # No validation: the baseline's accuracy is measured below, on the whole validation set.
     L.Trainer(**trainer_kwargs(max_epochs=4, limit_train_batches=None, limit_val_batches=0)).fit(model, digits)
     return model, accuracy(model, digits.val_dataloader())
 
@@ -63,6 +65,7 @@ def qat_from_float_baseline(float_baseline, digits, mode: str, backend: str, **c
     model.hparams.lr = 1e-3
     qat = QuantizationAwareTraining(mode, backend, freeze_bn_epoch=1, freeze_observers_epoch=2, **callback_kwargs)
     L.seed_everything(0, verbose=False)
+    # No validation during QAT: callers measure the int8 model on the whole validation set afterwards.
     L.Trainer(**trainer_kwargs(max_epochs=3, limit_train_batches=None, limit_val_batches=0, callbacks=[qat])).fit(
         model, digits
     )

@@ -82,8 +82,7 @@ def main(strategy: str, mode: str, kind: str, observer: str, out: str) -> None:
     else:
         quant = PostTrainingQuantization(mode, "x86", observer, calibration_batches=4, export=["onnx"], export_dir=out)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, limit_train_batches=12,
-                        limit_val_batches=1, num_sanity_val_steps=0, logger=logger, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1, logger=logger, enable_checkpointing=False,
                         callbacks=[quant, *extra_callbacks, Record(quant, out)])
     trainer.fit(model, RankScaledDigits(batch_size=32))
 

@@ -46,8 +46,7 @@ _QAT_RUN = textwrap.dedent(
         callbacks.append(KillAt(*map(int, kill_at.split(":"))))
     L.seed_everything(1, verbose=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=3, limit_train_batches=6, limit_val_batches=1,
-                        num_sanity_val_steps=0, deterministic=True, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=callbacks, default_root_dir=out)
+                        deterministic=True, logger=False, callbacks=callbacks, default_root_dir=out)
     trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=None if resume == "none" else resume)
     torch.save({"prepared": qat.prepared_network.state_dict(), "epoch": trainer.current_epoch,
                 "bn_frozen": qat.bn_frozen, "observers_frozen": qat.observers_frozen,

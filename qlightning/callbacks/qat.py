@@ -152,6 +152,8 @@ class QuantizationAwareTraining(Callback):
         # prepared parameters (the fused, fake-quantized ones, LSQ scales included).
         setattr(pl_module, self._attr, prepared)
         self._prepared = prepared
+        # The schedule's state belongs to the network: a callback reused on a new model starts unfrozen.
+        self.observers_frozen = self.bn_frozen = False
         self._trainer = trainer
         # Under DDP, what every step must reduce over ranks: the quantizers and BN running statistics.
         self._rank_synced = (
