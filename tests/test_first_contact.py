@@ -169,8 +169,6 @@ def test_missing_backend_extra_is_named_at_construction(monkeypatch):
     _without_module(monkeypatch, "litert_torch")
     with pytest.raises(ImportError, match=r"backend='tflite' needs litert_torch.*pip install 'qlightning\[tflite\]'"):
         QuantizationAwareTraining(mode="pt2e", backend="tflite")
-    with pytest.raises(ImportError, match=r"format='tflite' needs litert_torch.*pip install 'qlightning\[tflite\]'"):
-        QuantizationAwareTraining(mode="fx", backend="tflite", export=["tflite"])
 
 
 def test_jobs_refuse_incompatible_choices_before_training(tmp_path, monkeypatch):

@@ -512,8 +512,10 @@ def test_qat_callback_folds_bn_and_merges_clamps_at_fit_end(digits):
     assert F.relu6 in [n.target for n in qat.finalized_network.graph.nodes]
     assert any(isinstance(m, nn.BatchNorm2d) for m in qat.finalized_network.modules())
 
+    # PTQ quantizes a float network (a QAT-prepared one is refused as already prepared).
     ptq = PostTrainingQuantization("fx", "x86", "minmax", calibration_batches=2)
-    L.Trainer(**trainer_kwargs(callbacks=[ptq])).validate(model, dataloaders=digits.train_dataloader(), verbose=False)
+    float_model = ImageClassifier(ConvBnClampNet(), lr=1e-3)
+    L.Trainer(**trainer_kwargs(callbacks=[ptq])).validate(float_model, dataloaders=digits.train_dataloader(), verbose=False)
     merged = [n for n in ptq.finalized_network.graph.nodes if "clamp_merged" in str(n.target)]
     assert merged and F.relu6 in [n.target for n in ptq.finalized_network.graph.nodes]
 
