@@ -37,13 +37,13 @@ def _build(node: DictConfig, drop: tuple[str, ...] = ()):
         raise
 
 
-def _state_size_bytes(model: torch.nn.Module) -> int:
+def state_size_bytes(model: torch.nn.Module) -> int:
     with tempfile.TemporaryFile() as f:
         torch.save(model.state_dict(), f)
         return f.tell()
 
 
-def _latency_ms(model, x, repeats: int = 30) -> float:
+def latency_ms(model, x, repeats: int = 30) -> float:
     with torch.no_grad():
         for _ in range(5):
             model(x)
@@ -166,7 +166,7 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
     with quantized_engine(callback.backend.engine):
         int8 = callback.quantized_model
         int8_acc = accuracy(int8, val)
-        int8_latency = _latency_ms(int8, example)
+        int8_latency = latency_ms(int8, example)
         with torch.no_grad():
             agreement = _top1_agreement(float_model if ptq else fake_quant_model, int8, val)
     runtime = "PT2E Q/DQ graph" if callback.mode == "pt2e" else f"{callback.backend.engine} int8 kernels"
@@ -187,9 +187,9 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         "int8_runtime": f"torch {torch.__version__} ({runtime})",
         "top1_agreement": round(agreement, 4),
         "agreement_reference": "float" if ptq else "fake_quant",
-        "float_size_bytes": _state_size_bytes(float_net),
-        "int8_size_bytes": _state_size_bytes(int8),
-        "float_latency_ms": round(_latency_ms(float_net.eval(), example), 3),
+        "float_size_bytes": state_size_bytes(float_net),
+        "int8_size_bytes": state_size_bytes(int8),
+        "float_latency_ms": round(latency_ms(float_net.eval(), example), 3),
         "int8_latency_ms": round(int8_latency, 3),
         "exported": {fmt: str(Path(callback.export_dir) / r["path"]) for fmt, r in callback.exported.items()},
     }
@@ -197,8 +197,8 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         onnx_path = Path(callback.export_dir) / callback.exported["onnx"]["path"]
         report = callback.exported["onnx"]
         summary.update(
-            onnx_int8_acc=round(_onnx_accuracy(onnx_path, val), 2),
-            onnx_latency_ms=round(_onnx_latency_ms(onnx_path, example), 3),
+            onnx_int8_acc=round(onnx_accuracy(onnx_path, val), 2),
+            onnx_latency_ms=round(onnx_latency_ms(onnx_path, example), 3),
             onnx_size_bytes=report["size_bytes"],
             onnx_sqnr_db=report["sqnr_db"],
             onnx_top1_agreement=report["top1_agreement"],
@@ -208,7 +208,7 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
     return summary
 
 
-def _onnx_accuracy(path: Path, dataloader) -> float:
+def onnx_accuracy(path: Path, dataloader) -> float:
     """Top-1 accuracy of the exported file, run in ONNX Runtime (the target runtime)."""
     from qlightning.exporters import onnx_format
 
@@ -219,10 +219,10 @@ def _onnx_accuracy(path: Path, dataloader) -> float:
     return 100.0 * correct / total
 
 
-def _onnx_latency_ms(path: Path, x) -> float:
+def onnx_latency_ms(path: Path, x) -> float:
     from qlightning.exporters import onnx_format
 
-    return _latency_ms(lambda inputs: onnx_format.run(path, (inputs,)), x)
+    return latency_ms(lambda inputs: onnx_format.run(path, (inputs,)), x)
 
 
 def _trainer_args(cfg: DictConfig, epochs: int) -> dict:

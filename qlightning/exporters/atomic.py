@@ -30,7 +30,11 @@ def publish(staged: Path, path: str | os.PathLike) -> None:
     os.replace(staged, path)
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with staged_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
         publish(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
