@@ -1,5 +1,6 @@
 """Exports: from every mode to ONNX (run in ONNX Runtime's integer kernels) and PT2, verified, atomic."""
 
+import copy
 import json
 
 import lightning as L
@@ -38,8 +39,11 @@ def _integer_kernels(path, tmp_path) -> set[str]:
     "mode,ptq,backend", [("eager", False, "x86"), ("fx", False, "x86"), ("pt2e", False, "x86"),
                          ("fx", True, "x86"), ("pt2e", True, "onnxruntime"), ("pt2e", False, "onnxruntime")]
 )
-def test_every_mode_exports_onnx_that_onnxruntime_runs_in_integer_kernels(mode, ptq, backend, tmp_path):
-    net = SmallCNN() if mode == "eager" else PassNet()
+def test_every_mode_exports_onnx_that_onnxruntime_runs_in_integer_kernels(mode, ptq, backend, tmp_path, float_baseline):
+    # The digits-trained SmallCNN: an untrained one has near-tied logits, whose top-1 flips on rounding noise
+    # (agreement 0.97 at SQNR 38 dB with seed 0), which says nothing about the export.
+    torch.manual_seed(0)
+    net = copy.deepcopy(float_baseline[0].net) if mode == "eager" else PassNet()
     impl, backend_obj, prepared = _trained(mode, net, observer="minmax", ptq=ptq, backend=backend)
     x = _inputs(4)
     finalized = impl.finalize(prepared, x, fold_bn=not ptq, share_split=backend_obj.shared_split_qparams)

@@ -34,11 +34,6 @@ def _flat(out) -> np.ndarray:
 
 def _reference_outputs(program, inputs: tuple) -> np.ndarray:
     with torch.no_grad():
-        if program.simulate_reference:
-            from qlightning.passes.exact_qparams import simulating_quantization
-
-            with simulating_quantization(program.reference.graph_module):
-                return _flat(program.reference(*inputs))
         return _flat(program.reference(*inputs))
 
 

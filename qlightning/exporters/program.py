@@ -30,7 +30,6 @@ class ExportableProgram:
     converted: nn.Module  # ExportedNetwork holding a converted (Q/DQ) graph
     reference: nn.Module  # what the exported file is compared with
     mode: str  # "eager" | "fx" | "pt2e"
-    simulate_reference: bool = False  # reference has calibration observers: run it "as converted"
 
 
 def _graph_module(model: nn.Module) -> torch.fx.GraphModule | None:

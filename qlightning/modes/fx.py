@@ -7,7 +7,6 @@ import copy
 import torch
 
 import torch.ao.quantization as tq
-import torch.nn.functional as F
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 from qlightning.backends import Backend
@@ -34,10 +33,10 @@ def qconfig_mapping(qconfig: tq.QConfig, engine: str, qat: bool) -> tq.QConfigMa
 
 def dynamic_qconfig_mapping(recipe: QuantRecipe) -> tq.QConfigMapping:
     qconfig = _ao.dynamic_qconfig(recipe)
-    mapping = tq.QConfigMapping()
-    for layer in (*_ao.DYNAMIC_LAYERS, F.linear):
-        mapping.set_object_type(layer, qconfig)
-    return mapping
+    # Global, not per layer type: FX fuses linear-relu and conv-relu before quantizing and refuses a fusion
+    # whose parts have different qconfigs ("During fusion, we need to specify the same qconfigs for all
+    # module types", torch 2.14). Ops without a dynamic int8 pattern in the BackendConfig stay float.
+    return tq.QConfigMapping().set_global(qconfig)
 
 
 class FxMode(QuantMode):

@@ -226,12 +226,9 @@ class Pt2eMode(QuantMode):
         # convert_pt2e asks its observer instead: the two differ slightly (SQNR 34 dB between the
         # fake-quantized and converted SmallCNN, measured). Swap every fake-quantizer for a fixed one
         # holding the qparams training used, so the converted model is the model that was trained.
-        from qlightning.passes.exact_qparams import exact_observer
+        from qlightning.passes.exact_qparams import freeze_exact_qparams
 
-        gm = model.graph_module
-        for name, module in list(gm.named_children()):
-            if isinstance(module, ao_pt2e.FakeQuantizeBase):
-                setattr(gm, name, exact_observer(module))
+        freeze_exact_qparams(model.graph_module)
 
     def graph_of(self, model: ExportedNetwork):
         return model.graph_module
