@@ -53,7 +53,7 @@ def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
         for node in (cfg[group] or {}).values():
             assert _instantiate(node) is not None
     elif group == "experiment":
-        assert cfg.quant.mode.value == "fx" and cfg.data._target_.endswith("TorchvisionDataModule")
+        assert cfg.quant.mode.value == "fx" and cfg.data._target_.endswith("FashionMNISTDataModule")
     elif group == "hparams_search":
         assert cfg.optimized_metric == "int8_acc"
     elif group == "paths":
