@@ -12,15 +12,16 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 8, width: int = 16,
-                 hidden: int = 64):
+                 hidden: int = 64, kernel_size: int = 3, conv_bias: bool = False):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (two 2x2 poolings), got {image_size}")
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size, padding=padding, bias=conv_bias)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu1 = nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(width, 2 * width, kernel_size, padding=padding, bias=conv_bias)
         self.bn2 = nn.BatchNorm2d(2 * width)
         self.relu2 = nn.ReLU()
         self.pool2 = nn.MaxPool2d(2)
