@@ -228,7 +228,7 @@ class Pt2eMode(QuantMode):
         # holding the qparams training used, so the converted model is the model that was trained.
         from qlightning.passes.exact_qparams import freeze_exact_qparams
 
-        freeze_exact_qparams(model.graph_module)
+        freeze_exact_qparams(model.graph_module, fake_quantizers_only=True)
 
     def graph_of(self, model: ExportedNetwork):
         return model.graph_module

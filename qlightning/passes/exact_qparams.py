@@ -85,7 +85,7 @@ def _set_called_module(gm: fx.GraphModule, target: str, module: nn.Module) -> No
     setattr(gm.get_submodule(parent_name), attr, module)
 
 
-def freeze_exact_qparams(gm: fx.GraphModule) -> int:
+def freeze_exact_qparams(gm: fx.GraphModule, fake_quantizers_only: bool = False) -> int:
     """Swap every quantizer ``gm`` calls for an :class:`ExactQParamsObserver` holding the qparams it
     applies now (a fake-quantizer: those of its last forward; a plain observer: those conversion would
     use), in place; returns how many modules were swapped.
@@ -94,14 +94,15 @@ def freeze_exact_qparams(gm: fx.GraphModule) -> int:
     (a max-pool's input and output, a flatten), and ``named_children()`` yields a shared module once,
     so a walk over children left the aliases as the original fake-quantizers, converted from their
     observers' statistics instead of the applied qparams. A shared module stays shared (one exact
-    observer for all its names), as the trained model shared it.
+    observer for all its names), as the trained model shared it. ``fake_quantizers_only``: leave plain
+    (calibration) observers, whose qparams conversion computes the same way, with their statistics.
     """
     exact: dict[int, ExactQParamsObserver] = {}
     for node in gm.graph.nodes:
         if not quantizer_node(gm, node):
             continue
         module = gm.get_submodule(node.target)
-        if isinstance(module, ExactQParamsObserver):
+        if isinstance(module, ExactQParamsObserver) or (fake_quantizers_only and not is_fake_quantize(module)):
             continue
         if id(module) not in exact:
             exact[id(module)] = exact_observer(module)
