@@ -159,20 +159,8 @@ class QuantizationAwareTraining(Callback):
         self._rank_synced = (
             (self._impl.quantizers(prepared), _running_stats(prepared)) if trainer.world_size > 1 else None
         )
-        # Through a weak reference: a bound method would make every deepcopy of the network (the
-        # fit-end passes copy it) copy this callback and its trainer too, which under DDP holds locks.
-        callback = weakref.ref(self)
-
-        def on_state_load(module, state_dict, prefix, *args):
-            if callback() is not None:
-                callback()._on_network_state_load(module, state_dict, prefix, *args)
-
-        def on_state_loaded(module, incompatible_keys):
-            if callback() is not None:
-                callback()._on_network_state_loaded()
-
-        prepared.register_load_state_dict_pre_hook(on_state_load)
-        prepared.register_load_state_dict_post_hook(on_state_loaded)
+        prepared.register_load_state_dict_pre_hook(_CallbackHook(self, "_on_network_state_load"))
+        prepared.register_load_state_dict_post_hook(_CallbackHook(self, "_on_network_state_loaded"))
         rank_zero_info(
             f"qlightning: prepared `{self._attr}` for QAT (mode={self.mode}, backend={self.backend.name}, "
             f"observer={self.observer}, {len(self._impl.quantizers(prepared))} quantizers)"
@@ -193,7 +181,7 @@ class QuantizationAwareTraining(Callback):
         if self.observers_frozen:  # frozen while paused (a restored checkpoint, or by hand)
             self._impl.set_observers_enabled(self._prepared, False)
 
-    def _on_network_state_loaded(self) -> None:
+    def _on_network_state_loaded(self, module, incompatible_keys) -> None:
         # A restored checkpoint brings its own observer flags: those are the state to return to.
         if self._paused is not None:
             self._paused = None
@@ -311,6 +299,26 @@ class QuantizationAwareTraining(Callback):
             self.freeze_observers()
         if state_dict.get("bn_frozen", False) and self._prepared is not None:
             self.freeze_bn()
+
+
+class _CallbackHook:
+    """A state-dict hook of the prepared network that calls back into the callback.
+
+    Through a weak reference: a bound method would make every deepcopy of the network (the fit-end
+    passes copy it) copy this callback and its trainer too, which under DDP holds locks. Copies and
+    pickles of the network carry an inert hook (``torch.save(model)`` works; a copy is not the
+    network the callback trains)."""
+
+    def __init__(self, callback, method: str):
+        self._callback, self._method = weakref.ref(callback), method
+
+    def __call__(self, *args):
+        callback = self._callback() if self._callback is not None else None
+        if callback is not None:
+            getattr(callback, self._method)(*args)
+
+    def __getstate__(self):
+        return {"_callback": None, "_method": self._method}
 
 
 def _running_stats(network: nn.Module) -> list[torch.Tensor]:
