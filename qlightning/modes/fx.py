@@ -107,6 +107,9 @@ class FxMode(QuantMode):
     def set_observers_enabled(self, prepared, enabled):
         _ao.set_observers_enabled(prepared, enabled)
 
+    def freeze_qparams(self, model):
+        _ao.report_applied_qparams(model)
+
     def freeze_bn(self, prepared):
         _ao.freeze_bn(prepared)
 
