@@ -37,7 +37,7 @@ GUIDE_RESULTS = {
 
 CHOICES = (
     "Why these settings: float training is Adam at lr 1e-3, batch 64, 4 epochs on all 54,000 training images (the "
-    "other 6,000 validate): the guide's 10-unit bottleneck network reaches 84.7 % there (issue 16 reports about 77 % "
+    "other 6,000 validate): the guide's 10-unit bottleneck network reaches the float accuracy above (issue 16 reports about 77 % "
     "after 3 epochs on 20,000 images, and dead bottleneck ReLUs at lr 3e-3). QAT fine-tunes that network for 2 epochs "
     "at lr 1e-4 with BatchNorm frozen from its second epoch and observers frozen for it; part of QAT's gain over float "
     "is those 2 extra epochs of training. Static PTQ calibrates a histogram observer on 32 training batches (2,048 "
