@@ -40,8 +40,8 @@ def float_baseline(digits):
     before training it further."""
     L.seed_everything(0, verbose=False)
     model = ImageClassifier(SmallCNN(), lr=3e-3)
-    # No validation: the baseline's accuracy is measured below, on the whole validation set.
-    L.Trainer(**trainer_kwargs(max_epochs=4, limit_train_batches=None, limit_val_batches=0)).fit(model, digits)
+    no_validation = dict(limit_val_batches=0)  # its accuracy is measured below, on the whole validation set
+    L.Trainer(**trainer_kwargs(max_epochs=4, limit_train_batches=None, **no_validation)).fit(model, digits)
     return model, accuracy(model, digits.val_dataloader())
 
 
@@ -65,8 +65,8 @@ def qat_from_float_baseline(float_baseline, digits, mode: str, backend: str, **c
     model.hparams.lr = 1e-3
     qat = QuantizationAwareTraining(mode, backend, freeze_bn_epoch=1, freeze_observers_epoch=2, **callback_kwargs)
     L.seed_everything(0, verbose=False)
-    # No validation during QAT: callers measure the int8 model on the whole validation set afterwards.
-    L.Trainer(**trainer_kwargs(max_epochs=3, limit_train_batches=None, limit_val_batches=0, callbacks=[qat])).fit(
+    no_validation = dict(limit_val_batches=0)  # callers measure the int8 model on the whole validation set
+    L.Trainer(**trainer_kwargs(max_epochs=3, limit_train_batches=None, callbacks=[qat], **no_validation)).fit(
         model, digits
     )
     return model, qat
