@@ -28,6 +28,12 @@ aten = torch.ops.aten
 # Ops whose train/eval behaviour is a boolean argument of the node, and that argument's position.
 _BATCHNORM_TRAINING_ARG = {aten.batch_norm.default: 5, aten._native_batch_norm_legit.default: 5}
 _DROPOUT_TRAINING_ARG = {aten.dropout.default: 2, aten.dropout_.default: 2, aten.feature_dropout.default: 2}
+# Random ops traced from Python that branches on ``self.training`` (torchvision's stochastic depth:
+# ``empty().bernoulli_(p).div_(p)`` times the residual branch) have no training flag to switch. In eval
+# behaviour each becomes its expectation (a tensor filled with p), so mask / p is exactly 1 and the
+# branch passes unchanged, as in eager eval; training behaviour restores the random op.
+_RANDOM_EXPECTATION = {aten.bernoulli_.float: aten.fill_.Scalar, aten.bernoulli.p: aten.full_like.default}
+_RANDOM_ORIGINAL = "qlightning_random_op"
 
 
 def set_exported_training(gm: torch.fx.GraphModule, batchnorm: bool, dropout: bool) -> None:
@@ -35,7 +41,8 @@ def set_exported_training(gm: torch.fx.GraphModule, batchnorm: bool, dropout: bo
 
     ``model.train()`` does not reach into an exported graph. torchao's helper rewrites whole
     subgraphs by pattern matching on every call (slow, and it loses custom momentum/eps); the
-    training flag is a plain argument of these aten ops, so we set it directly.
+    training flag is a plain argument of these aten ops, so we set it directly. Random ops traced
+    from training-only Python branches (stochastic depth) follow ``dropout``: see _RANDOM_EXPECTATION.
     """
     changed = False
     for node in gm.graph.nodes:
@@ -46,6 +53,13 @@ def set_exported_training(gm: torch.fx.GraphModule, batchnorm: bool, dropout: bo
                 args[position] = value
                 node.args = tuple(args)
                 changed = True
+        if not dropout and node.target in _RANDOM_EXPECTATION:
+            node.meta[_RANDOM_ORIGINAL] = node.target
+            node.target = _RANDOM_EXPECTATION[node.target]
+            changed = True
+        elif dropout and _RANDOM_ORIGINAL in node.meta:
+            node.target = node.meta.pop(_RANDOM_ORIGINAL)
+            changed = True
         # The training graph counts batches in a separate `num_batches_tracked.add_(1)`; eager BatchNorm
         # counts only in training, so in eval behaviour the node adds 0 (validation must not change state).
         if _is_batch_counter(node) and node.args[1] != int(batchnorm):
