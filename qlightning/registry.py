@@ -10,6 +10,17 @@ from qlightning.errors import unknown_choice
 T = TypeVar("T")
 
 
+def require_modules(owner: str, modules, extra: str | None) -> None:
+    """Raise ImportError naming ``owner`` (e.g. ``format='tflite'``) and the pip extra that brings
+    the missing ``modules``."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        hint = f"pip install 'qlightning[{extra}]'" if extra else f"install {', '.join(missing)}"
+        raise ImportError(f"{owner} needs {', '.join(missing)}, which is not installed: {hint}")
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind

@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from qlightning.registry import Registry
+from qlightning.registry import Registry, require_modules
 from qlightning.spec import TensorQuantSpec
 
 ALL_MODES = frozenset({"eager", "fx", "pt2e"})
@@ -39,14 +39,7 @@ class Backend:
 
     def check_installed(self) -> None:
         """Raise ImportError naming the pip extra when a module the backend's quantizer needs is missing."""
-        import importlib.util
-
-        missing = [m for m in self.required_modules if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ImportError(
-                f"backend={self.name!r} needs {', '.join(missing)}, which is not installed: "
-                f"pip install 'qlightning[{self.extra}]'"
-            )
+        require_modules(f"backend={self.name!r}", self.required_modules, self.extra)
 
 
 _BACKENDS: Registry[Backend] = Registry("backend")

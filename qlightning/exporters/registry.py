@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
 
-from qlightning.registry import Registry
+from qlightning.registry import Registry, require_modules
 
 
 @dataclass(frozen=True)
@@ -31,10 +30,7 @@ class ExportFormat:
 
     def check_installed(self) -> None:
         """Raise ImportError naming the pip extra when the format's converter/runtime is missing."""
-        for name in self.required_modules:
-            if importlib.util.find_spec(name) is None:
-                hint = f"pip install 'qlightning[{self.extra}]'" if self.extra else f"install {name}"
-                raise ImportError(f"format={self.name!r} needs {name}, which is not installed: {hint}")
+        require_modules(f"format={self.name!r}", self.required_modules, self.extra)
 
     def check_backend(self, backend: str) -> None:
         """Raise QuantizationConfigError when files of this format cannot run a ``backend`` model."""
