@@ -19,7 +19,6 @@ from qlightning.callbacks import PostTrainingQuantization
 from qlightning.errors import QuantizationConfigError
 from qlightning.exporters.atomic import write_json
 from qlightning.models import accuracy
-from qlightning.quantized_engine import quantized_engine
 
 # Keys in a config group that describe the run rather than the object the group builds.
 _DATA_INFO_KEYS = ("num_classes", "input_shape")
@@ -163,12 +162,12 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
     example = next(iter(val))[0][:1]
     float_net = getattr(float_model, callback.network_name)
     ptq = isinstance(callback, PostTrainingQuantization)
-    with quantized_engine(callback.backend.engine):
-        int8 = callback.quantized_model
-        int8_acc = accuracy(int8, val)
-        int8_latency = latency_ms(int8, example)
-        with torch.no_grad():
-            agreement = _top1_agreement(float_model if ptq else fake_quant_model, int8, val)
+    # The int8 model selects its backend's engine itself (bind_quantized_engine).
+    int8 = callback.quantized_model
+    int8_acc = accuracy(int8, val)
+    int8_latency = latency_ms(int8, example)
+    with torch.no_grad():
+        agreement = _top1_agreement(float_model if ptq else fake_quant_model, int8, val)
     runtime = "PT2E Q/DQ graph" if callback.mode == "pt2e" else f"{callback.backend.engine} int8 kernels"
     if ptq:
         method = "ptq_dynamic" if callback.dynamic else f"ptq_static ({callback.calibrated_batches} batches)"
