@@ -50,65 +50,20 @@ def cpu_flags() -> dict:
             "cores_visible": torch.get_num_threads()}
 
 
-def _session(path: Path, threads: int = 2):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # Each session owns a thread pool whose workers spin after every run; with three sessions
-    # interleaved on two cores the spinning pools of the idle sessions steal the running one's CPU,
-    # so whichever session ran second looked slower (ratios swung 0.85-1.19 between runs).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _interleaved_medians(sessions: dict, x, warmup: int, rounds: int) -> dict:
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-    times = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[k])
-            times[k].append(time.perf_counter() - start)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
-
-
 def ort_latency(name: str, workdir: Path, quick: bool) -> dict:
     import torchvision
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     from qlightning import export
     from qlightning.callbacks.config import build_recipe
     from qlightning.modes.registry import get_mode
+    from qlightning.latency import export_float_onnx, interleaved_latency_ms, ort_quantize_static, ort_session
 
     torch.manual_seed(0)
     net = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
     x = torch.randn(1, 3, IMAGE, IMAGE)
     calibration = [torch.randn(8, 3, IMAGE, IMAGE) for _ in range(4 if quick else 16)]
 
-    fp32 = workdir / f"{name}_fp32.onnx"
-    # One self-contained file, like ours (the exporter otherwise moves weights to external data).
-    torch.onnx.export(net, (x,), fp32, dynamo=True, optimize=True, external_data=False,
-                      dynamic_shapes=({0: torch.export.Dim("batch")},))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, input_name):
-            self.batches = iter([{input_name: c[i : i + 1].numpy()} for c in calibration for i in range(len(c))])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    preprocessed, ort_static = workdir / f"{name}_pre.onnx", workdir / f"{name}_quantize_static.onnx"
-    quant_pre_process(str(fp32), str(preprocessed))
-    quantize_static(str(preprocessed), str(ort_static), Reader(_session(fp32).get_inputs()[0].name),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    fp32 = export_float_onnx(net, x, workdir / f"{name}_fp32.onnx")
+    ort_static = ort_quantize_static(fp32, calibration, workdir / f"{name}_quantize_static.onnx")
 
     backend, recipe = build_recipe("pt2e", "onnxruntime", "minmax", "per_channel_symmetric", "per_tensor_affine")
     impl = get_mode("pt2e")
@@ -124,8 +79,9 @@ def ort_latency(name: str, workdir: Path, quick: bool) -> dict:
     report = export(finalized, (x,), "onnx", ours, check_inputs=[calibration[0]], backend="onnxruntime",
                     min_sqnr_db=30.0)
 
-    sessions = {"fp32": _session(fp32), "quantize_static": _session(ort_static), "qlightning": _session(ours)}
-    medians = _interleaved_medians(sessions, x.numpy(), warmup=10 if quick else 30, rounds=50 if quick else 300)
+    sessions = {"fp32": ort_session(fp32), "quantize_static": ort_session(ort_static), "qlightning": ort_session(ours)}
+    latency = interleaved_latency_ms(sessions, x.numpy(), warmup=10 if quick else 30, rounds=50 if quick else 300)
+    medians = {k: v["median"] for k, v in latency.items()}
     return {
         "latency_ms": {k: round(v, 4) for k, v in medians.items()},
         "int8_over_fp32": medians["qlightning"] / medians["fp32"],
