@@ -236,7 +236,9 @@ def float_weights(name: str, config: ZooConfig, cache: Path) -> tuple[Path, dict
     """Train ``name`` in float (or reuse the cached run of the same config); returns the state dict's
     path and ``{"float_acc": test accuracy, "train_s": seconds}``."""
     model = MODELS.get(name)
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    trained_on = {k: v for k, v in asdict(config).items()
+                  if k in ("train_images", "val_images", "batch_size", "float_epochs", "float_lr", "seed", "root")}
+    digest = hashlib.sha256(json.dumps(trained_on, sort_keys=True).encode()).hexdigest()[:10]
     key = f"{name}-{digest}"
     weights, info_path = cache / f"{key}.pt", cache / f"{key}.json"
     if weights.is_file() and info_path.is_file():

@@ -6,6 +6,7 @@ import json
 import lightning as L
 import onnx
 import onnxruntime as ort
+import numpy as np
 import pytest
 import torch
 
@@ -77,10 +78,55 @@ def test_pt2_export_round_trips(tmp_path):
 def test_a_tolerance_violation_raises_and_leaves_no_file(tmp_path):
     impl, _, prepared = _trained("eager", SmallCNN())
     finalized = impl.finalize(prepared, _inputs())
-    with pytest.raises(ExportVerificationError, match=r"onnxruntime disagrees with the torch model beyond tolerance: "
-                                                      r"SQNR .* dB \(min 1000\).*no file written"):
-        export(finalized, _inputs(4), "onnx", tmp_path / "out" / "net.onnx", min_sqnr_db=1000)
+    # A runtime would have to beat float by 100 dB: impossible, so verification fails.
+    with pytest.raises(ExportVerificationError, match=r"onnxruntime does not run the trained model: its error against "
+                                                      r"the float network is .* dB above the fake-quant model's own.*"
+                                                      r"no file written"):
+        export(finalized, _inputs(4), "onnx", tmp_path / "out" / "net.onnx", max_noise_growth_db=-100)
     assert list((tmp_path / "out").iterdir()) == []  # no model, no report, no temporary file
+
+
+def test_a_runtime_that_adds_noise_is_caught_by_the_float_criterion(tmp_path, monkeypatch):
+    """A runtime whose outputs carry extra noise as large as quantization's own fails verification,
+    while the same export without it passes, with both errors against float in the report."""
+    from qlightning.exporters import onnx_format
+
+    impl, _, prepared = _trained("pt2e", SmallCNN())
+    finalized = impl.finalize(prepared, _inputs())
+    report = export(finalized, _inputs(4), "onnx", tmp_path / "net.onnx", check_inputs=[_inputs(32)])
+    assert report["noise_growth_db"] <= 3.0 and report["tolerances"]["max_noise_growth_db"] == 3.0
+    assert isinstance(report["runtime_float_sqnr_db"], float) and isinstance(report["fake_quant_float_sqnr_db"], float)
+    true_run = onnx_format.run
+
+    def noisy_run(path, inputs):
+        out = true_run(path, inputs)
+        # Three times the quantization noise's power, added: error power x4, 6 dB more.
+        noise_power = 3 * np.mean(out**2) / 10 ** (report["fake_quant_float_sqnr_db"] / 10)
+        return out + np.random.default_rng(0).normal(0, np.sqrt(noise_power), out.shape).astype(out.dtype)
+
+    monkeypatch.setattr(onnx_format, "run", noisy_run)
+    with pytest.raises(ExportVerificationError, match=r"dB above the fake-quant model's own .*allowed growth 3 dB"):
+        export(finalized, _inputs(4), "onnx", tmp_path / "noisy.onnx", check_inputs=[_inputs(32)])
+    assert not (tmp_path / "noisy.onnx").exists()
+
+
+def test_a_converted_model_is_held_to_the_sqnr_floor_against_torch(tmp_path, monkeypatch):
+    """A model that arrives converted has no float twin: the runtime is compared with it directly."""
+    from qlightning.exporters import onnx_format
+
+    impl, backend, prepared = _trained("pt2e", SmallCNN())
+    converted = impl.convert(impl.finalize(prepared, _inputs()), backend)
+    report = export(converted, _inputs(4), "onnx", tmp_path / "net.onnx")
+    assert "runtime_float_sqnr_db" not in report and report["tolerances"]["min_sqnr_db"] == 35.0
+    true_run = onnx_format.run
+
+    def noisy_run(path, inputs):  # noise at 20 dB below the signal: under the 35 dB floor
+        out = true_run(path, inputs)
+        return out + np.random.default_rng(0).normal(0, np.sqrt(np.mean(out**2) / 100), out.shape).astype(out.dtype)
+
+    monkeypatch.setattr(onnx_format, "run", noisy_run)
+    with pytest.raises(ExportVerificationError, match=r"SQNR .* dB against the torch model \(min 35\)"):
+        export(converted, _inputs(4), "onnx", tmp_path / "noisy.onnx")
 
 
 def test_a_model_that_quantized_nothing_is_refused(tmp_path):

@@ -30,6 +30,10 @@ class ExportableProgram:
     converted: nn.Module  # ExportedNetwork holding a converted (Q/DQ) graph
     reference: nn.Module  # what the exported file is compared with
     mode: str  # "eager" | "fx" | "pt2e"
+    # The reference with every quantizer made the identity: the float network with the same weights,
+    # against which the fake-quant model's and the runtime's errors are both measured. None for a
+    # model that arrives converted (its float weights are gone).
+    float_reference: nn.Module | None = None
 
 
 def _graph_module(model: nn.Module) -> torch.fx.GraphModule | None:
@@ -63,6 +67,22 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
         if is_quantizer(m) and hasattr(m, "disable_observer"):
             m.disable_observer()
     return frozen
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose quantizers (outermost ones: a fake-quantizer, not its inner observer)
+    are ``nn.Identity``: every value flows in float, weights and graph unchanged."""
+    from qlightning.passes.graph import is_quantizer
+
+    twin = copy.deepcopy(model).cpu().eval()
+    replaced: list[str] = []
+    for name, module in list(twin.named_modules()):
+        if not name or not is_quantizer(module) or any(name.startswith(r + ".") for r in replaced):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, nn.Identity())
+        replaced.append(name)
+    return twin
 
 
 def _requantize_ops() -> dict:
@@ -128,7 +148,8 @@ def exportable_program(model: nn.Module, example_inputs: tuple, fold_quantize: b
         # the identity in forward. Frozen to exact observers, the program fake-quantizes with the very
         # numbers conversion emits, so it is the faithful reference.
         freeze_exact_qparams(prepared.graph_module)
-        return ExportableProgram(Pt2eMode().convert(prepared, None, fold_quantize), prepared, "pt2e")
+        return ExportableProgram(Pt2eMode().convert(prepared, None, fold_quantize), prepared, "pt2e",
+                                 float_twin(prepared))
     if _has_quantizers(model, "ao"):
         from qlightning.passes.to_pt2e import ao_to_pt2e
 
@@ -139,7 +160,8 @@ def exportable_program(model: nn.Module, example_inputs: tuple, fold_quantize: b
         # Calibration observers do not fake-quantize: the carried-over program (whose observers do)
         # is the faithful torch reference then.
         return ExportableProgram(
-            Pt2eMode().convert(program, None, fold_quantize), program if observers_only else reference, mode
+            Pt2eMode().convert(program, None, fold_quantize), program if observers_only else reference, mode,
+            float_twin(reference),
         )
     if _is_ao_int8(model):
         raise QuantizationConfigError(

@@ -22,6 +22,7 @@ from qlightning.modes.pt2e_dynamic import (
 )
 from qlightning.observers import get_observer
 from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn, unscale_by_reciprocal
+from qlightning.passes.split_reused_modules import split_reused_module_partitions
 from qlightning.spec import QuantRecipe, TensorQuantSpec
 
 aten = torch.ops.aten
@@ -146,7 +147,9 @@ def quantization_config(recipe: QuantRecipe, qat: bool) -> QuantizationConfig:
 def export_network(network: nn.Module, example_inputs: tuple) -> torch.fx.GraphModule:
     example_inputs = batch_of_two(example_inputs)
     dynamic_shapes = dynamic_batch(example_inputs, torch.export.Dim.AUTO)
-    return torch.export.export(network, example_inputs, dynamic_shapes=dynamic_shapes).module()
+    graph_module = torch.export.export(network, example_inputs, dynamic_shapes=dynamic_shapes).module()
+    split_reused_module_partitions(graph_module)
+    return graph_module
 
 
 def _drop_unreferenced_tensors(gm: torch.fx.GraphModule) -> None:
