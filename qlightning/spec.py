@@ -83,3 +83,16 @@ def qparams_from_range(min_val: float, max_val: float, spec: TensorQuantSpec) ->
         scale = max(width / f32(qmax - qmin), eps)
     zero_point = int(np.clip(qmin - np.round(lo / scale), qmin, qmax))
     return float(scale), zero_point
+
+
+def fused_kernel_keeps(spec: TensorQuantSpec, observer_name: str) -> bool:
+    """Whether torch's fused observe + fake-quantize kernel computes ``spec``'s qparams correctly.
+
+    The kernel (``fused_moving_avg_obs_fake_quant``, torch 2.14.1) makes qparams symmetric only for
+    a range that spans zero (``ChooseQuantizationParams`` in ATen's QuantUtils.h symmetrizes when
+    ``min < 0 < max``): a one-signed weight channel gets zero point -127 or +127 under a symmetric
+    scheme, which LiteRT's XNNPACK refuses and which is not what "symmetric" promises. The unfused
+    FakeQuantize's observer gets it right (zero point 0) at no measured cost (bench: 2.00 vs 2.04
+    QAT/float step), so symmetric specs use that one.
+    """
+    return observer_name.startswith("MovingAverage") and not spec.symmetric

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import lightning as L
 import onnx
@@ -235,4 +236,38 @@ def test_an_export_with_no_quantized_compute_op_fails(tmp_path):
     with pytest.raises(ExportVerificationError, match=r"the onnx export of ExportedNetwork has no quantized op "
                                                       r"\(\d+ float ops\): nothing was quantized; no file written"):
         export(impl.finalize(observed, _inputs(4), fold_bn=False), _inputs(4), "onnx", tmp_path / "flat.onnx")
+    assert not any(tmp_path.iterdir())
+
+
+def test_symmetric_weights_have_zero_point_zero_in_one_signed_channels(tmp_path):
+    """torch's fused observe+fake-quantize kernel gives a one-signed channel zero point +-127 under a
+    symmetric scheme; qlightning's QAT quantizers must not, in any mode."""
+    from qlightning.passes.exact_qparams import current_qparams
+    from qlightning.passes.graph import is_quantizer
+
+    for mode in ("eager", "fx", "pt2e"):
+        net = SmallCNN()
+        with torch.no_grad():  # one all-positive and one all-negative output channel in the first conv
+            net.conv1.weight[0].abs_()
+            net.conv1.weight[1].copy_(-net.conv1.weight[1].abs())
+        impl, _, prepared = _trained(mode, net)
+        weight_quantizers = [(n, m) for n, m in prepared.named_modules()
+                             if is_quantizer(m) and getattr(m, "qscheme", None) == torch.per_channel_symmetric]
+        assert weight_quantizers, mode
+        for name, quantizer in weight_quantizers:
+            assert current_qparams(quantizer)[1].abs().max().item() == 0, (mode, name)
+        export(impl.finalize(prepared, _inputs()), _inputs(4), "onnx", tmp_path / f"{mode}.onnx")
+
+
+def test_a_symmetric_quantizer_with_a_nonzero_zero_point_is_refused_before_export(tmp_path):
+    from qlightning.passes.graph import is_quantizer
+
+    impl, _, prepared = _trained("pt2e", SmallCNN())
+    finalized = impl.finalize(prepared, _inputs())
+    name, quantizer = next((n, m) for n, m in finalized.named_modules()
+                           if is_quantizer(m) and getattr(m, "qscheme", None) == torch.per_channel_symmetric)
+    quantizer.zero_point[3] = -127
+    with pytest.raises(ExportVerificationError, match=rf"quantizer {re.escape(name)} is torch.per_channel_symmetric "
+                                                      r"but holds zero point -127 in channel 3 .*symmetric means 0"):
+        export(finalized, _inputs(4), "onnx", tmp_path / "net.onnx")
     assert not any(tmp_path.iterdir())

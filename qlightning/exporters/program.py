@@ -85,6 +85,35 @@ def float_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+
+
+def check_symmetric_zero_points(model: nn.Module) -> None:
+    """Symmetric means zero point 0 (the middle of the range for unsigned types), in every channel;
+    raise before export when a quantizer holds anything else, naming it and the channel. Runtimes
+    refuse such files (LiteRT's XNNPACK: "unsupported zero-point value (-127) in channel ...") or run
+    them with asymmetric kernels nobody asked for."""
+    from qlightning.errors import ExportVerificationError
+    from qlightning.passes.exact_qparams import current_qparams
+    from qlightning.passes.graph import is_quantizer
+
+    for name, quantizer in model.named_modules():
+        if not is_quantizer(quantizer) or getattr(quantizer, "qscheme", None) not in _SYMMETRIC:
+            continue
+        quant_min, quant_max = getattr(quantizer, "quant_min", None), getattr(quantizer, "quant_max", None)
+        if quant_min is None or quant_max is None:
+            continue
+        center = 0 if quant_min < 0 else (quant_min + quant_max + 1) // 2
+        _, zero_point = current_qparams(quantizer)
+        wrong = (zero_point.flatten() != center).nonzero().flatten()
+        if len(wrong):
+            channel = int(wrong[0])
+            raise ExportVerificationError(
+                f"quantizer {name} is {quantizer.qscheme} but holds zero point {int(zero_point.flatten()[channel])} "
+                f"in channel {channel} ({len(wrong)} channel(s) off; symmetric means {center}); no file written"
+            )
+
+
 def _requantize_ops() -> dict:
     qd = torch.ops.quantized_decomposed
     return {
@@ -148,6 +177,7 @@ def exportable_program(model: nn.Module, example_inputs: tuple, fold_quantize: b
         # the identity in forward. Frozen to exact observers, the program fake-quantizes with the very
         # numbers conversion emits, so it is the faithful reference.
         freeze_exact_qparams(prepared.graph_module)
+        check_symmetric_zero_points(prepared)
         return ExportableProgram(Pt2eMode().convert(prepared, None, fold_quantize), prepared, "pt2e",
                                  float_twin(prepared))
     if _has_quantizers(model, "ao"):
@@ -155,6 +185,7 @@ def exportable_program(model: nn.Module, example_inputs: tuple, fold_quantize: b
 
         reference = _frozen_copy(model)
         mode = "fx" if isinstance(model, torch.fx.GraphModule) else "eager"
+        check_symmetric_zero_points(reference)
         program = ao_to_pt2e(reference, example_inputs)
         observers_only = not any(is_fake_quantize(m) for m in reference.modules())
         # Calibration observers do not fake-quantize: the carried-over program (whose observers do)

@@ -12,7 +12,7 @@ from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantiz
 
 from qlightning.errors import QuantizationConfigError
 from qlightning.observers import get_observer
-from qlightning.spec import QuantRecipe, TensorQuantSpec
+from qlightning.spec import QuantRecipe, TensorQuantSpec, fused_kernel_keeps
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -68,10 +68,11 @@ def fake_quant_ctor(spec: TensorQuantSpec, observer_name: str, learnable: bool):
     kwargs = dict(observer=getattr(tq.observer, observer_name), **_spec_kwargs(spec))
     if learnable:
         return LearnableFakeQuantize.with_args(**kwargs)
-    if observer_name.startswith("MovingAverage"):
+    if fused_kernel_keeps(spec, observer_name):
         # One fused kernel for observe + fake-quantize: the fast path PyTorch uses for QAT.
         return tq.FusedMovingAvgObsFakeQuantize.with_args(**kwargs)
     return tq.FakeQuantize.with_args(**kwargs)
+
 
 
 def qat_qconfig(recipe: QuantRecipe) -> tq.QConfig:

@@ -23,7 +23,7 @@ from qlightning.modes.pt2e_dynamic import (
 from qlightning.observers import get_observer
 from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn, unscale_by_reciprocal
 from qlightning.passes.split_reused_modules import split_reused_module_partitions
-from qlightning.spec import QuantRecipe, TensorQuantSpec
+from qlightning.spec import QuantRecipe, TensorQuantSpec, fused_kernel_keeps
 
 aten = torch.ops.aten
 # Ops whose train/eval behaviour is a boolean argument of the node, and that argument's position.
@@ -129,7 +129,7 @@ def quantization_spec(
     observer = getattr(ao_observer, observer_name)
     if learnable:
         ctor = ao_pt2e.LearnableFakeQuantize.with_args(observer=observer, use_grad_scaling=True, eps=spec.eps)
-    elif observer_name.startswith("MovingAverage"):
+    elif fused_kernel_keeps(spec, observer_name):  # symmetric specs: see fused_kernel_keeps
         ctor = ao_pt2e.FusedMovingAvgObsFakeQuantize.with_args(observer=observer, eps=spec.eps)
     else:
         ctor = ao_pt2e.FakeQuantize.with_args(observer=observer, eps=spec.eps)
