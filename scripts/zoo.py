@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     parser.add_argument("--resume", action="store_true", help="keep results already in <output>.json")
     parser.add_argument("--config", default="{}", help="JSON overrides of ZooConfig")
+    parser.add_argument("--float-only", action="store_true", help="only train (and cache) the float networks")
     parser.add_argument("--cell", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     for name in models:  # float training first, in this process, so cells only load weights
         _, info = float_weights(name, config, Path(args.workdir) / "float")
         print(f"float {name}: {info['float_acc']:.1f} % ({info['train_s']:.0f} s)", flush=True)
+    if args.float_only:
+        return 0
 
     cells = [(m, method, t) for m in models for method in methods for t in targets
              if (m, method, t.mode, t.backend, t.format) not in previous]

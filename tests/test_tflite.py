@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qlightning import QuantizationAwareTraining, export
+from qlightning.errors import QuantizationConfigError
 from qlightning.exporters import tflite_format
 from qlightning.exporters.program import unfold_quantized_weights
 from tests.conftest import labels, predictions, qat_from_float_baseline
@@ -68,3 +69,22 @@ def test_tflite_export_without_its_extra_names_the_extra(monkeypatch):
         # FX: the backend's BackendConfig needs no extra, so the format's check speaks (PT2E's quantizer is
         # litert-torch's, named by the backend check in tests/test_first_contact.py).
         QuantizationAwareTraining("fx", "tflite", export=["tflite"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_tflite_file_runs_the_deployed_batch_and_the_report_says_it(batch_size, tmp_path):
+    """The example inputs hold 4 images; the file runs the batch asked for (default 1, a phone's)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    impl, _, prepared = _trained("pt2e", SmallCNN(), ptq=True, backend="tflite")
+    kwargs = {} if batch_size == 1 else {"batch_size": batch_size}
+    report = export(prepared, _inputs(4), "tflite", tmp_path / "net.tflite", **kwargs)
+    assert report["batch_size"] == batch_size
+    assert Interpreter(model_path=str(tmp_path / "net.tflite")).get_input_details()[0]["shape"][0] == batch_size
+
+
+def test_export_batch_size_must_be_a_positive_int(tmp_path):
+    _, _, prepared = _trained("pt2e", SmallCNN(), ptq=True, backend="tflite")
+    with pytest.raises(QuantizationConfigError, match=r"batch_size must be a positive int \(the batch the file runs\), got 0"):
+        export(prepared, _inputs(4), "tflite", tmp_path / "net.tflite", batch_size=0)
+    assert not any(tmp_path.iterdir())

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qlightning.errors import ExportVerificationError
+from qlightning.errors import ExportVerificationError, QuantizationConfigError
 from qlightning.exporters.atomic import publish, staged_path, write_json
 from qlightning.exporters.program import exportable_program
 from qlightning.exporters.registry import get_format
@@ -124,6 +124,17 @@ def _verdict(metrics: dict, max_noise_growth_db: float, min_sqnr_db: float,
     return None
 
 
+def _at_batch(inputs: tuple, batch_size: int) -> tuple:
+    """The example inputs cut or repeated to ``batch_size`` along the batch dimension."""
+    def resize(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        repeats = -(-batch_size // x.shape[0])
+        return x.repeat(repeats, *([1] * (x.dim() - 1)))[:batch_size]
+
+    return tuple(resize(x) for x in inputs)
+
+
 @contextlib.contextmanager
 def _staged_companions(staged: Path, fmt):
     companions = [Path(f"{staged}{suffix}") for suffix in fmt.companion_suffixes]
@@ -142,6 +153,7 @@ def export(
     *,
     check_inputs: Iterable | None = None,
     backend: str | None = None,
+    batch_size: int = 1,
     max_noise_growth_db: float = 3.0,
     min_sqnr_db: float = 35.0,
     min_top1_agreement: float = 0.99,
@@ -169,9 +181,12 @@ def export(
         tuple(c.cpu() for c in ((x,) if isinstance(x, torch.Tensor) else tuple(x))) for x in (check_inputs or [])
     ]
 
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise QuantizationConfigError(f"batch_size must be a positive int (the batch the file runs), got {batch_size!r}")
     program = exportable_program(model, example_inputs, fold_quantize=fmt.folded_weights)
+    write_inputs = _at_batch(example_inputs, batch_size) if fmt.fixed_batch else example_inputs
     with staged_path(path, fmt.suffix) as staged, _staged_companions(staged, fmt) as companions:
-        implementation.write(program.converted, example_inputs, staged)
+        implementation.write(program.converted, write_inputs, staged)
         quantized_ops, float_ops = implementation.op_counts(staged)
         if quantized_ops == 0:
             raise ExportVerificationError(
@@ -201,6 +216,7 @@ def export(
             "size_bytes": staged.stat().st_size + sum(c.stat().st_size for c in companions),
             "float_size_bytes": implementation.float_size_bytes(staged),
             "float_size_basis": "the same file with its 8-bit weights stored as fp32",
+            "batch_size": batch_size if fmt.fixed_batch else "dynamic",
             "num_quantized_ops": quantized_ops,
             "num_float_ops": float_ops,
             **metrics,

@@ -27,6 +27,10 @@ class ExportFormat:
     # refuses uint8 activations ("unsupported zero-point value (-128) for UINT8 tensor"), which every
     # backend but `tflite` produces (measured with ai-edge-litert 2.x, 2026-11-25).
     backends: frozenset[str] | None = None
+    # Whether the file has a fixed batch dimension (litert-torch 0.10 cannot lower a dynamic batch
+    # through reshapes): such files are written for ``export(batch_size=...)``, default 1, the batch
+    # an on-device app runs.
+    fixed_batch: bool = False
 
     def check_installed(self) -> None:
         """Raise ImportError naming the pip extra when the format's converter/runtime is missing."""
@@ -68,6 +72,6 @@ register_format(ExportFormat("onnx", ".onnx", "qlightning.exporters.onnx_format"
 register_format(ExportFormat("pt2", ".pt2", "qlightning.exporters.pt2_format", "torch"))
 register_format(ExportFormat("tflite", ".tflite", "qlightning.exporters.tflite_format", "ai-edge-litert",
                              extra="tflite", required_modules=("litert_torch", "ai_edge_litert"), folded_weights=False,
-                             backends=frozenset({"tflite"})))
+                             backends=frozenset({"tflite"}), fixed_batch=True))
 register_format(ExportFormat("openvino", ".xml", "qlightning.exporters.openvino_format", "openvino", extra="openvino",
                              required_modules=("openvino", "onnx", "onnxscript"), companion_suffixes=(".bin",)))

@@ -2,9 +2,10 @@
 
 The converted PT2E program comes with float weights behind quantize/dequantize pairs
 (``fold_quantize=False``): litert-torch's converter rejects ``dequantize`` of an int8 constant
-(litert-torch issue 400, the QAT models that "fail to convert"). The batch dimension is fixed to the
-example inputs' batch (litert-torch 0.10 cannot lower a dynamic batch through reshapes); ``run``
-feeds other batch sizes in chunks of it. With int8 model inputs/outputs the float inputs are
+(litert-torch issue 400, the QAT models that "fail to convert"). The batch dimension is fixed
+(litert-torch 0.10 cannot lower a dynamic batch through reshapes) to the batch ``write`` is given,
+``export(batch_size=1)`` by default, the batch an on-device app runs; ``run`` feeds other batch sizes
+in chunks of it. With int8 model inputs/outputs the float inputs are
 quantized with the input tensor's qparams and the outputs dequantized, as an app would.
 """
 
