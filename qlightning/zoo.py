@@ -4,8 +4,9 @@ that backend's runtime runs. ``scripts/zoo.py`` runs every cell in its own subpr
 ``docs/zoo.md``; the slow test ``tests/test_zoo.py`` runs a few cells with the same functions.
 
 A cell's outcome is ``ok`` (exported, verified, int8 accuracy measured in the target runtime),
-``refused`` (a :class:`~qlightning.errors.QuantizationConfigError` raised before any training: the
-combination cannot work and the message says why and what to do) or ``failed`` (anything else).
+``refused`` (a :class:`~qlightning.errors.QuantizationConfigError` or
+:class:`~qlightning.errors.UntraceableModelError` raised before any training: the combination cannot
+work and the message says why and what to do) or ``failed`` (anything else).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from qlightning.data.fashion_mnist import DEBIAN_FOLDER, FashionMNISTDataModule
-from qlightning.errors import QuantizationConfigError
+from qlightning.errors import QuantizationConfigError, UntraceableModelError
 from qlightning.models import ImageClassifier
 from qlightning.registry import Registry
 
@@ -86,8 +87,7 @@ for _model in (
     ZooModel("resnet18", "torchvision", 32, _torchvision("resnet18"), _torchvision_quantizable("resnet18")),
     ZooModel("mobilenet_v2", "torchvision", 32, _torchvision("mobilenet_v2"),
              _torchvision_quantizable("mobilenet_v2")),
-    ZooModel("mobilenet_v3_small", "torchvision", 32, _torchvision("mobilenet_v3_small"),
-             _torchvision_quantizable("mobilenet_v3_small")),
+    ZooModel("mobilenet_v3_small", "torchvision", 32, _torchvision("mobilenet_v3_small")),  # only _large has one
     ZooModel("efficientnet_b0", "torchvision", 32, _torchvision("efficientnet_b0")),
     ZooModel("shufflenet_v2_x0_5", "torchvision", 32, _torchvision("shufflenet_v2_x0_5"),
              _torchvision_quantizable("shufflenet_v2_x0_5")),
@@ -317,7 +317,7 @@ def run_cell(name: str, method: str, target: Target, config: ZooConfig, workdir:
         else:
             trainer = _trainer(workdir, [callback])
             trainer.validate(module, data)
-    except QuantizationConfigError as exc:
+    except (QuantizationConfigError, UntraceableModelError) as exc:
         # Refused means: said no before any training step or calibration batch was spent.
         spent = trainer is not None and (trainer.global_step > 0 or getattr(callback, "calibrated_batches", 0) > 0)
         result.update(status="failed" if spent else "refused", reason=_one_line(exc), stage=stage)

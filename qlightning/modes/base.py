@@ -19,7 +19,11 @@ from qlightning.spec import QuantRecipe
 log = logging.getLogger(__name__)
 
 _OTHER_MODES_HINT = {
-    "eager": "mode='fx' or mode='pt2e', which place quant/dequant around every op themselves",
+    "eager": "mode='fx' or mode='pt2e', which place quant/dequant around every op themselves. Eager mode needs a "
+    "network written for it: residual adds, cat and mul through torch.ao.nn.quantized.FloatFunctional, its own "
+    "QuantStub/DeQuantStub where needed; torchvision ships such variants in torchvision.models.quantization (resnet, "
+    "mobilenet_v2/v3, shufflenet_v2, googlenet, inception_v3; build them with quantize=False), which eager mode "
+    "accepts as they are",
     "fx": "mode='pt2e' (torch.export accepts shape-dependent Python and functional code that FX symbolic "
     "tracing rejects) or mode='eager' (no tracing at all)",
     "pt2e": "mode='fx' (symbolic tracing can leave untraceable submodules as leaves) or mode='eager'",

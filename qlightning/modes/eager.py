@@ -116,11 +116,13 @@ def _check_fusion_groups(network: nn.Module, groups: list[list[str]]) -> None:
 class EagerMode(QuantMode):
     name = "eager"
 
-    def _wrap_and_fuse(self, network, example_inputs, modules_to_fuse, qat: bool) -> EagerQuantWrapper:
+    def _wrap_and_fuse(self, network, example_inputs, modules_to_fuse, qat: bool) -> nn.Module:
         if len(example_inputs) != 1:
             raise self.untraceable(
                 network, TypeError(f"eager mode wraps a single tensor input, got {len(example_inputs)} inputs")
             )
+        if any(isinstance(m, tq.QuantStub) for m in network.modules()):
+            return self._fuse_written_for_eager(network, modules_to_fuse, qat)
         if modules_to_fuse is None:
             groups = find_modules_to_fuse(network)
         else:
@@ -132,6 +134,24 @@ class EagerMode(QuantMode):
             fuse = tq.fuse_modules_qat if qat else tq.fuse_modules
             fuse(wrapper, [[f"net.{n}" for n in g] for g in groups], inplace=True)
         return wrapper
+
+    @staticmethod
+    def _fuse_written_for_eager(network, modules_to_fuse, qat: bool) -> nn.Module:
+        """A network that places its own QuantStub / DeQuantStub (torchvision.models.quantization's
+        variants, or one written for eager mode) is prepared as it is, not wrapped in another pair of
+        stubs; it fuses itself when it knows how (torchvision's ``fuse_model(is_qat)``)."""
+        network.train(qat)  # PTQ fusion folds BN and needs eval; QAT fusion keeps BN trainable
+        if modules_to_fuse is not None:
+            groups = [list(g) for g in modules_to_fuse]
+            _check_fusion_groups(network, groups)
+            (tq.fuse_modules_qat if qat else tq.fuse_modules)(network, groups, inplace=True)
+        elif hasattr(network, "fuse_model"):
+            network.fuse_model(is_qat=qat)
+        else:
+            groups = find_modules_to_fuse(network)
+            if groups:
+                (tq.fuse_modules_qat if qat else tq.fuse_modules)(network, groups, inplace=True)
+        return network
 
     def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None, **_):
         wrapper = self._wrap_and_fuse(network, example_inputs, modules_to_fuse, qat=True)
@@ -168,7 +188,7 @@ class EagerMode(QuantMode):
                 tq.convert(trial, inplace=True)
                 trial(*example_inputs)
         except Exception as exc:  # noqa: BLE001 - any failure here means the int8 model cannot run
-            raise self.untraceable(wrapper.net, exc) from exc
+            raise self.untraceable(getattr(wrapper, "net", wrapper), exc) from exc
 
     def convert(self, prepared, backend):
         model = copy.deepcopy(prepared).cpu().eval()
