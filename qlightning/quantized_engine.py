@@ -14,6 +14,11 @@ def quantized_engine(engine: str):
     Several int8 kernels (e.g. ``quantized_resize_cpu_``) have no deterministic variant; under
     ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``) they would raise, so
     inside the block determinism is relaxed to a warning.
+
+    The MHA / TransformerEncoderLayer fast path is off inside the block: its eligibility check (torch
+    2.14.1, ``TransformerEncoderLayer.forward``) reads ``linear1.weight.device``, and on torch.ao's
+    dynamically quantized Linear ``weight`` is a method, so an int8 ``nn.TransformerEncoder`` raised
+    "'function' object has no attribute 'device'". The fast path is a float kernel anyway.
     """
     supported = torch.backends.quantized.supported_engines
     if engine not in supported:
@@ -21,13 +26,16 @@ def quantized_engine(engine: str):
     previous = torch.backends.quantized.engine
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.quantized.engine = engine
+    torch.backends.mha.set_fastpath_enabled(False)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.backends.quantized.engine = previous
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=warn_only)
 

@@ -113,6 +113,10 @@ def _check_fusion_groups(network: nn.Module, groups: list[list[str]]) -> None:
             )
 
 
+def _shown(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class EagerMode(QuantMode):
     name = "eager"
 
@@ -120,6 +124,16 @@ class EagerMode(QuantMode):
         if len(example_inputs) != 1:
             raise self.untraceable(
                 network, TypeError(f"eager mode wraps a single tensor input, got {len(example_inputs)} inputs")
+            )
+        attention = [n for n, m in network.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        if attention:
+            # torch.ao's eager swap turns MHA's out_proj (NonDynamicallyQuantizableLinear) into
+            # qat.Linear and fails ("from_float only works for Linear"), and MHA computes its
+            # projections functionally, out of reach of eager QuantStubs.
+            raise QuantizationConfigError(
+                f"mode='eager' cannot quantize nn.MultiheadAttention ({_shown(attention)} in {type(network).__name__}) "
+                "for static PTQ or QAT: eager mode only swaps modules, and attention computes its projections in "
+                "functional code. Use mode='fx' or mode='pt2e' (or dynamic PTQ, which quantizes its Linear layers)"
             )
         if any(isinstance(m, tq.QuantStub) for m in network.modules()):
             return self._fuse_written_for_eager(network, modules_to_fuse, qat)

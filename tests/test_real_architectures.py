@@ -1,0 +1,116 @@
+"""Causes found by running torchvision / timm networks through qlightning (the zoo, issue 17), each
+pinned by a test on the real architecture or the smallest network that has the same structure."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from qlightning import PostTrainingQuantization, QuantizationAwareTraining
+from qlightning.callbacks.config import build_recipe
+from qlightning.errors import QuantizationConfigError, UntraceableModelError
+from qlightning.models import ImageClassifier
+from qlightning.modes.registry import get_mode
+from qlightning.passes.verify import sqnr_db
+
+
+def _recipe(mode, backend="x86", observer="moving_average_minmax"):
+    return build_recipe(mode, backend, observer, "per_channel_symmetric", "per_tensor_affine")
+
+
+class TransformerClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_eager_dynamic_ptq_of_a_transformer_encoder_runs_and_matches_float():
+    """torch 2.14.1's encoder fast-path check read `.weight.device` of the dynamic int8 Linear (a
+    method): "'function' object has no attribute 'device'"."""
+    torch.manual_seed(0)
+    net, x = TransformerClassifier().eval(), torch.randn(8, 6, 32)
+    backend, recipe = _recipe("eager", observer="minmax")
+    quantized = get_mode("eager").quantize_dynamic(net, (x,), recipe, backend)
+    with torch.no_grad():
+        reference, out = net(x), quantized(x)
+    # 8-bit weights and per-batch activations: quantization noise ~40 dB per Linear; 5 in series.
+    assert sqnr_db(reference, out) > 25
+    assert torch.backends.mha.get_fastpath_enabled()  # the int8 model's scope restored the setting
+
+
+@pytest.mark.parametrize("ptq", [False, True])
+def test_eager_refuses_multihead_attention_with_the_way_out(ptq):
+    backend, recipe = _recipe("eager", observer="minmax")
+    impl = get_mode("eager")
+    prepare = impl.prepare_ptq if ptq else impl.prepare_qat
+    with pytest.raises(QuantizationConfigError, match=r"mode='eager' cannot quantize nn.MultiheadAttention "
+                                                      r"\(encoder.layers.0.self_attn, encoder.layers.1.self_attn in "
+                                                      r"TransformerClassifier\).*Use mode='fx' or mode='pt2e'"):
+        prepare(TransformerClassifier(), (torch.randn(2, 6, 32),), recipe, backend)
+
+
+def test_eager_refuses_a_torchvision_resnet_before_training_and_names_its_quantizable_variant():
+    import torchvision
+
+    module = ImageClassifier(torchvision.models.resnet18(weights=None, num_classes=10), input_shape=(3, 32, 32))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        callbacks=[QuantizationAwareTraining("eager", "x86")])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32),
+                                                                      torch.randint(0, 10, (8,))), batch_size=4)
+    with pytest.raises(UntraceableModelError, match=r"mode='eager' could not capture ResNet.*"
+                                                    r"torchvision.models.quantization \(resnet, mobilenet_v2/v3"):
+        trainer.fit(module, data, data)
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("qat", [True, False])
+def test_eager_takes_torchvision_quantizable_resnet18_as_it_is(qat, tmp_path):
+    """Its own QuantStub / FloatFunctional adds / fuse_model: no second pair of stubs, no auto-fusion."""
+    from torchvision.models.quantization import resnet18
+
+    torch.manual_seed(0)
+    module = ImageClassifier(resnet18(weights=None, quantize=False, num_classes=10), input_shape=(3, 32, 32))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32),
+                                                                      torch.randint(0, 10, (16,))), batch_size=8)
+    trainer_args = dict(logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    if qat:
+        callback = QuantizationAwareTraining("eager", "x86", export=["onnx"], export_dir=tmp_path)
+        L.Trainer(max_steps=2, callbacks=[callback], **trainer_args).fit(module, data, data)
+    else:
+        callback = PostTrainingQuantization("eager", "x86", calibration_batches=2, export=["onnx"], export_dir=tmp_path)
+        L.Trainer(callbacks=[callback], **trainer_args).validate(module, data)
+    stubs = [n for n, m in callback.finalized_network.named_modules() if isinstance(m, torch.ao.quantization.QuantStub)]
+    assert stubs == ["quant"]  # torchvision's own, not wrapped in another
+    report = callback.exported["onnx"]
+    assert report["num_quantized_ops"] >= 20 and report["noise_growth_db"] <= 3.0
+
+
+def test_pt2e_x86_quantizes_each_call_of_a_reused_activation_module():
+    """torchvision's BasicBlock calls one `self.relu` twice; torchao 0.18's x86 quantizer raised
+    "Input partition has more than one output node" on resnet18."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    backend, recipe = _recipe("pt2e")
+    impl = get_mode("pt2e")
+    prepared = impl.prepare_qat(net, (x,), recipe, backend)
+    graph = prepared.graph_module.graph
+    relus = [n for n in graph.nodes if n.op == "call_function" and "relu" in str(n.target)]
+    # Every ReLU call's output is observed: after bn1 (conv-bn-relu) and after the add (add-relu), 17 in all.
+    assert len(relus) == 17
+    assert all(any(u.op == "call_module" and "activation_post_process" in u.target for u in r.users) for r in relus)
+    with torch.no_grad():
+        prepared(torch.randn(4, 3, 32, 32))
+    finalized = impl.finalize(prepared, (x,))
+    converted = impl.convert(finalized, backend)
+    with torch.no_grad():
+        assert sqnr_db(finalized.eval()(x), converted(x)) > 30  # the int8 graph computes the fake-quant model
