@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from qlightning.errors import QuantizationConfigError
-from qlightning.passes.graph import is_fake_quantize
+from qlightning.passes.graph import float_twin, is_fake_quantize
 
 _QDQ_NAMESPACE = "quantized_decomposed"
 
@@ -67,22 +67,6 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
         if is_quantizer(m) and hasattr(m, "disable_observer"):
             m.disable_observer()
     return frozen
-
-
-def float_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose quantizers (outermost ones: a fake-quantizer, not its inner observer)
-    are ``nn.Identity``: every value flows in float, weights and graph unchanged."""
-    from qlightning.passes.graph import is_quantizer
-
-    twin = copy.deepcopy(model).cpu().eval()
-    replaced: list[str] = []
-    for name, module in list(twin.named_modules()):
-        if not name or not is_quantizer(module) or any(name.startswith(r + ".") for r in replaced):
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, nn.Identity())
-        replaced.append(name)
-    return twin
 
 
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)

@@ -8,6 +8,8 @@ ops in PT2E); both spellings are listed here.
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import torch
@@ -176,3 +178,17 @@ def erase(gm: fx.GraphModule, node: fx.Node) -> None:
             getattr(attrs, table, {}).pop(node.name, None)
         getattr(attrs, "observed_node_names", set()).discard(node.name)
     gm.graph.erase_node(node)
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose quantizers (outermost ones: a fake-quantizer, not its inner observer)
+    are ``nn.Identity``: every value flows in float, weights and graph unchanged."""
+    twin = copy.deepcopy(model).cpu().eval()
+    replaced: list[str] = []
+    for name, module in list(twin.named_modules()):
+        if not name or not is_quantizer(module) or any(name.startswith(r + ".") for r in replaced):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, nn.Identity())
+        replaced.append(name)
+    return twin

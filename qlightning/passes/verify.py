@@ -55,3 +55,16 @@ def check_close(
                 f"{pass_name} changed the outputs to an SQNR of {ratio:.1f} dB against the model before it "
                 f"(allowed: >= {min_sqnr_db:g} dB); the model was left unchanged"
             )
+
+
+def check_noise_growth(pass_name: str, float_out: torch.Tensor, before: torch.Tensor, after: torch.Tensor, *,
+                       max_noise_growth_db: float) -> None:
+    """Raise :class:`PassToleranceError` when the pass made the quantized model's error against the
+    float network grow by more than ``max_noise_growth_db`` (SQNR against float, before vs after)."""
+    sqnr_before, sqnr_after = sqnr_db(float_out, before), sqnr_db(float_out, after)
+    if sqnr_before - sqnr_after > max_noise_growth_db:
+        raise PassToleranceError(
+            f"{pass_name} made the model's error against the float network {sqnr_before - sqnr_after:.1f} dB larger "
+            f"(SQNR against float {sqnr_before:.1f} dB before, {sqnr_after:.1f} dB after; allowed growth "
+            f"{max_noise_growth_db:g} dB); the model was left unchanged"
+        )
