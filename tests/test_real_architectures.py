@@ -114,3 +114,26 @@ def test_pt2e_x86_quantizes_each_call_of_a_reused_activation_module():
     converted = impl.convert(finalized, backend)
     with torch.no_grad():
         assert sqnr_db(finalized.eval()(x), converted(x)) > 30  # the int8 graph computes the fake-quant model
+
+
+def test_fx_converts_timm_mobilenetv3_after_the_relu_merge_removed_nodes():
+    """merge_relu_clamp erases clamps and the getattr nodes only they used; torch 2.14.1's convert_fx
+    raised "Expected key getattr_2 in convert node_name_to_qconfig"."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    backend, recipe = _recipe("fx")
+    impl = get_mode("fx")
+    prepared = impl.prepare_qat(net, (x,), recipe, backend)
+    with torch.no_grad():
+        for _ in range(3):
+            prepared(torch.randn(8, 3, 32, 32))
+    finalized = impl.finalize(prepared, (x,), merge_relu=True)
+    graph_nodes = {n.name for n in finalized.graph.nodes}
+    prepared_map = finalized.meta["_observed_graph_module_attrs"].node_name_to_qconfig
+    assert set(prepared_map) - graph_nodes  # the merge did remove nodes the prepare map names
+    converted = impl.convert(finalized, backend)
+    with torch.no_grad():
+        assert converted(x).shape == (2, 10)

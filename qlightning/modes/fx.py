@@ -82,6 +82,7 @@ class FxMode(QuantMode):
 
             return Pt2eMode().convert(ao_to_pt2e(prepared, prepared.meta["qlightning_example_inputs"]), backend)
         model = copy.deepcopy(prepared).cpu().eval()
+        _forget_removed_nodes(model)
         with quantized_engine(backend.engine):
             converted = convert_fx(
                 model,
@@ -118,3 +119,15 @@ class FxMode(QuantMode):
 
     def bn_modules_or_nodes(self, prepared):
         return _ao.batchnorms(prepared)
+
+
+def _forget_removed_nodes(model: torch.fx.GraphModule) -> None:
+    """Drop the nodes that graph passes removed (merge_relu_clamp erases clamps, their quantizers and
+    the ``getattr`` nodes only they used) from the qconfig map ``prepare_qat_fx`` stored: torch
+    2.14.1's ``convert_fx`` requires every key of it in the graph it converts and raised "Expected key
+    getattr_2 in convert node_name_to_qconfig" on timm's mobilenetv3 after the merge."""
+    attrs = model.meta.get("_observed_graph_module_attrs")
+    if attrs is None:
+        return
+    present = {node.name for node in model.graph.nodes}
+    attrs.node_name_to_qconfig = {k: v for k, v in attrs.node_name_to_qconfig.items() if k in present}
