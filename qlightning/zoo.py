@@ -342,8 +342,9 @@ def run_cell(name: str, method: str, target: Target, config: ZooConfig, workdir:
         status="ok",
         int8_acc=runtime_accuracy(target.format, path, data.test_dataloader()),
         size_ratio=report["size_bytes"] / report["float_size_bytes"],
-        verification={k: report.get(k) for k in ("sqnr_db", "float_sqnr_db", "max_abs_diff_in_steps",
-                                                   "top1_agreement", "num_quantized_ops", "num_float_ops")},
+        verification={k: report.get(k) for k in (
+            "sqnr_db", "fake_quant_float_sqnr_db", "runtime_float_sqnr_db", "noise_growth_db", "max_abs_diff_in_steps",
+            "top1_agreement", "num_quantized_ops", "num_float_ops", "batch_size")},
     )
     if target.format == "onnx" and model.is_cnn:
         float_net = _network(model, "fx", weights).eval()
@@ -413,7 +414,8 @@ def goal_misses(results: list[dict], max_qat_drop: float = 1.0) -> list[str]:
         cell = f"{r['model']} {r['method']} {r['mode']}/{r['backend']}->{r['format']}"
         if r["method"] == "qat" and r["int8_acc"] < r["float_acc"] - max_qat_drop:
             misses.append(f"{cell}: int8 {r['int8_acc']:.1f} % vs float {r['float_acc']:.1f} %")
-        ratio = r.get("int8_over_quantize_static")
+        # The latency goal is for the backend made for ONNX Runtime; x86 targets PyTorch's x86 kernels.
+        ratio = r.get("int8_over_quantize_static") if r["backend"] == "onnxruntime" else None
         if ratio is not None and ratio > 1.0:
             misses.append(f"{cell}: ORT int8 latency {ratio:.2f}x quantize_static's")
     return misses
