@@ -387,15 +387,22 @@ def markdown(results: list[dict], meta: dict) -> str:
         "Size is the exported file against the same file with fp32 weights. ORT latency (batch 1, 2 threads, "
         "medians of interleaved runs) is given for ONNX cells of CNNs as int8 / fp32 and int8 / ORT's own "
         "`quantize_static` (U8S8 QDQ after `quant_pre_process`).", "",
-        "| model | method | target | status | float | int8 | Δ | size | int8/fp32 | int8/quantize_static | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Verification (dB, SQNR against the float network of the same weights on the check batches): the torch "
+        "fake-quant model / the runtime; the export is refused when the runtime's is more than 3 dB below.", "",
+        "| model | method | target | status | float | int8 | Δ | size | vs float: fq / runtime | int8/fp32 | "
+        "int8/quantize_static | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         delta = r["int8_acc"] - r["float_acc"] if r.get("int8_acc") is not None else None
         note = r.get("reason", "") if r["status"] != "ok" else r.get("latency_error", "")
+        check = r.get("verification") or {}
+        both = (f"{_fmt(check.get('fake_quant_float_sqnr_db'))} / {_fmt(check.get('runtime_float_sqnr_db'))}"
+                if check.get("runtime_float_sqnr_db") is not None else "")
         lines.append(
             f"| {r['model']} | {r['method']} | {r['mode']}/{r['backend']}->{r['format']} | {r['status']} | "
             f"{_fmt(r.get('float_acc'))} | {_fmt(r.get('int8_acc'))} | {_fmt(delta)} | {_fmt(r.get('size_ratio'), 2)} | "
+            f"{both} | "
             f"{_fmt(r.get('int8_over_fp32'), 2)} | {_fmt(r.get('int8_over_quantize_static'), 2)} | "
             f"{note.replace('|', '/')[:200]} |"
         )
