@@ -137,3 +137,29 @@ def test_fx_converts_timm_mobilenetv3_after_the_relu_merge_removed_nodes():
     converted = impl.convert(finalized, backend)
     with torch.no_grad():
         assert converted(x).shape == (2, 10)
+
+
+def test_eager_takes_torchvision_quantizable_mobilenet_v2_whose_unused_skip_adds_never_observe(tmp_path):
+    """Every QuantizableInvertedResidual holds a skip_add; blocks without a residual never call it."""
+    from torchvision.models.quantization import mobilenet_v2
+
+    torch.manual_seed(0)
+    module = ImageClassifier(mobilenet_v2(weights=None, quantize=False, num_classes=10), input_shape=(3, 32, 32))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32),
+                                                                      torch.randint(0, 10, (16,))), batch_size=8)
+    callback = PostTrainingQuantization("eager", "x86", calibration_batches=2)
+    L.Trainer(callbacks=[callback], logger=False, enable_checkpointing=False, default_root_dir=tmp_path).validate(
+        module, data)
+    with torch.no_grad():
+        assert callback.quantized_model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_eager_still_refuses_a_network_that_never_ran():
+    from torchvision.models.quantization import mobilenet_v2
+
+    backend, recipe = _recipe("eager", observer="minmax")
+    impl = get_mode("eager")
+    observed = impl.prepare_ptq(mobilenet_v2(weights=None, quantize=False, num_classes=10),
+                                (torch.randn(2, 3, 32, 32),), recipe, backend)
+    with pytest.raises(QuantizationConfigError, match=r"quantizers saw no data before conversion .*never ran"):
+        impl.finalize(observed, (torch.randn(2, 3, 32, 32),))

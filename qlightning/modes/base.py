@@ -80,12 +80,17 @@ class QuantMode(ABC):
         """The BatchNorms of the prepared network (for tests and monitoring)."""
 
     # -- fit-end post-processing -------------------------------------------------------------------
+    def unobserved_on_the_forward_path(self, prepared: nn.Module) -> list[str]:
+        """Quantizers that saw no data although forward runs through them. In a captured graph (FX,
+        PT2E) every quantizer is on the path, so any unobserved one counts."""
+        return unobserved_quantizers(prepared)
+
     def finalize(self, prepared: nn.Module, example_inputs: tuple, *, fold_bn: bool = True,
                  merge_relu: bool = True, share_split: bool = False) -> nn.Module:
         """A copy of a trained/calibrated network, observers frozen, with the deployment passes
         applied: BatchNorm folded and ReLU/clamp merged into qparams. Exporters and ``convert``
         start from it; ``prepared`` itself stays trainable."""
-        unobserved = unobserved_quantizers(prepared)
+        unobserved = self.unobserved_on_the_forward_path(prepared)
         if unobserved:
             raise QuantizationConfigError(
                 f"{len(unobserved)} quantizers saw no data before conversion ({_shown(unobserved)}): the network "
@@ -155,6 +160,11 @@ def _statistics(model: nn.Module):
 def never_observed(min_val: torch.Tensor, max_val: torch.Tensor) -> bool:
     """Whether min/max statistics are still the initial (+inf, -inf) (or empty, per channel)."""
     return min_val.numel() == 0 or bool((min_val == math.inf).all() and (max_val == -math.inf).all())
+
+
+def statistics_quantizers(model: nn.Module) -> list[str]:
+    """Names of the min/max-based quantizers of ``model`` (observed or not)."""
+    return [name for name, _, _, _ in _statistics(model)]
 
 
 def unobserved_quantizers(model: nn.Module) -> list[str]:

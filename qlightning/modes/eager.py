@@ -13,7 +13,7 @@ from torch import nn
 from qlightning.backends import Backend
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes import _ao
-from qlightning.modes.base import QuantMode
+from qlightning.modes.base import QuantMode, statistics_quantizers
 from qlightning.observers import get_observer
 from qlightning.quantized_engine import bind_quantized_engine, quantized_engine
 from qlightning.spec import QuantRecipe
@@ -203,6 +203,15 @@ class EagerMode(QuantMode):
                 trial(*example_inputs)
         except Exception as exc:  # noqa: BLE001 - any failure here means the int8 model cannot run
             raise self.untraceable(getattr(wrapper, "net", wrapper), exc) from exc
+
+    def unobserved_on_the_forward_path(self, prepared) -> list[str]:
+        """Eager networks may hold modules their forward never calls: torchvision's quantizable
+        mobilenet_v2 gives every block a ``skip_add`` FloatFunctional and calls it only in blocks with
+        a residual connection. Unobserved quantizers count only when none observed (the network never
+        ran); the unused ones are harmless (conversion and export follow forward)."""
+        unobserved = super().unobserved_on_the_forward_path(prepared)
+        observed_any = len(unobserved) < len(statistics_quantizers(prepared))
+        return [] if observed_any else unobserved
 
     def convert(self, prepared, backend):
         model = copy.deepcopy(prepared).cpu().eval()
