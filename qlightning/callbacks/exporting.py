@@ -61,6 +61,15 @@ def check_inputs_from(trainer: Trainer, batch_to_inputs=first_element_inputs) ->
         return []
 
 
+def pass_check_inputs(trainer: Trainer, batch_to_inputs=first_element_inputs, batches: int = 2) -> tuple | None:
+    """A few validation batches joined into one input tuple, for the fit-end passes to verify
+    themselves on real data; None without a validation loader."""
+    checks = check_inputs_from(trainer, batch_to_inputs)[:batches]
+    if not checks or not all(isinstance(x, torch.Tensor) for c in checks for x in c):
+        return None
+    return tuple(torch.cat([c[i] for c in checks]) for i in range(len(checks[0])))
+
+
 def export_formats(trainer: Trainer, network, example_inputs, formats, export_dir, name: str, backend: str,
                    batch_to_inputs=first_element_inputs) -> dict[str, dict]:
     """Export ``network`` in every format (rank zero only); returns the reports by format."""

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_flag, check_modules_to_fuse
-from qlightning.callbacks.exporting import check_export_formats, export_formats, first_element_inputs
+from qlightning.callbacks.exporting import check_export_formats, export_formats, first_element_inputs, pass_check_inputs
 from qlightning.callbacks.target import check_float_network, resolve_example_inputs, resolve_network
 from qlightning.distributed import sync_quantizer_statistics
 from qlightning.errors import QuantizationConfigError
@@ -274,6 +274,7 @@ class PostTrainingQuantization(Callback):
             self.finalized_network = self._impl.finalize(
                 observed, self._example, fold_bn=False, merge_relu=self.merge_relu,
                 share_split=self.backend.shared_split_qparams,
+                check_inputs=pass_check_inputs(self._trainer, self.batch_to_inputs),
             )
             self._finish(self._impl.convert(self.finalized_network, self.backend))
 

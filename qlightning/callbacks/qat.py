@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_epoch, check_flag, check_modules_to_fuse
-from qlightning.callbacks.exporting import check_export_formats, export_formats
+from qlightning.callbacks.exporting import check_export_formats, export_formats, pass_check_inputs
 from qlightning.callbacks.observation import ObservationPause, pause_observation
 from qlightning.callbacks.target import check_float_network, resolve_example_inputs, resolve_network
 from qlightning.distributed import sync_quantizer_statistics, sync_running_stats
@@ -276,7 +276,7 @@ class QuantizationAwareTraining(Callback):
         self._resume_observation()  # fit may end without a train stage (max_epochs already reached)
         self.finalized_network = self._impl.finalize(
             self._prepared, self._example, fold_bn=self.fold_bn, merge_relu=self.merge_relu,
-            share_split=self.backend.shared_split_qparams,
+            share_split=self.backend.shared_split_qparams, check_inputs=pass_check_inputs(trainer),
         )
         self.quantized_model = self._impl.convert(self.finalized_network, self.backend)
         self.exported = export_formats(trainer, self.finalized_network, self._example, self.export, self.export_dir,
