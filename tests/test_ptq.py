@@ -126,16 +126,28 @@ class _CountingPTQ(PostTrainingQuantization):
 
     def _prepare(self, network):
         observed = super()._prepare(network)
-        self.observed, self.observer_calls = observed, collections.Counter()
+        self.observed, self.observer_calls, self.counting = observed, collections.Counter(), True
         for name, obs in self._impl.observers(observed):
-            obs.register_forward_pre_hook(lambda m, args, name=name: self.observer_calls.update([name]))
+            obs.register_forward_pre_hook(lambda m, args, name=name: self._count(name))
         return observed
+
+    def _count(self, name) -> None:  # a pre-hook returning a value would replace the observer's input
+        if self.counting:
+            self.observer_calls.update([name])
+
+    def _convert(self):
+        # Calibration ends here; the fit-end passes verify themselves on deep copies, whose observers
+        # carry these hooks along: those forwards are not calibration.
+        self.counting = False
+        super()._convert()
 
     def calls_per_forward(self, x) -> collections.Counter:
         # An observer shared by several ops (e.g. a pool's input and output) runs once per op.
         before = collections.Counter(self.observer_calls)
+        self.counting = True
         with torch.no_grad():
             self.observed(x)
+        self.counting = False
         return self.observer_calls - before
 
 
