@@ -163,3 +163,23 @@ def test_eager_still_refuses_a_network_that_never_ran():
                                 (torch.randn(2, 3, 32, 32),), recipe, backend)
     with pytest.raises(QuantizationConfigError, match=r"quantizers saw no data before conversion .*never ran"):
         impl.finalize(observed, (torch.randn(2, 3, 32, 32),))
+
+
+def test_fx_keeps_stochastic_depth_a_module_so_eval_is_deterministic():
+    """Traced in train mode, torchvision's StochasticDepth stayed random in eval (efficientnet_b0's
+    FX fold_bn saw outputs move by 0.77 between two eval passes)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.efficientnet_b0(weights=None, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    backend, recipe = _recipe("fx")
+    impl = get_mode("fx")
+    prepared = impl.prepare_qat(net, (x,), recipe, backend)
+    with torch.no_grad():
+        prepared(torch.randn(8, 3, 32, 32))
+        prepared.eval()
+        impl.set_observers_enabled(prepared, False)  # eval passes must not move the qparams either
+        torch.testing.assert_close(prepared(x), prepared(x), rtol=0, atol=0)
+    assert any(type(m).__name__ == "StochasticDepth" for m in prepared.modules())
+    impl.finalize(prepared, (x,))  # fold_bn verifies itself against eval outputs

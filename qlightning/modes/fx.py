@@ -39,12 +39,39 @@ def dynamic_qconfig_mapping(recipe: QuantRecipe) -> tq.QConfigMapping:
     return tq.QConfigMapping().set_global(qconfig)
 
 
+def training_dependent_leaves(network: torch.nn.Module) -> list[type]:
+    """Classes of parameter-free modules outside torch.nn whose forward reads ``self.training``
+    (torchvision's StochasticDepth, timm's DropPath). Symbolic tracing evaluates ``self.training``
+    once, at trace time: traced during QAT prepare (train mode), stochastic depth stayed random in
+    eval, so BN folding, conversion and every export saw a random graph (efficientnet_b0 in FX:
+    outputs moving by 0.77 between two eval passes, issue 17). Kept as leaves they run their own
+    forward, which follows ``train()`` / ``eval()``."""
+    import inspect
+
+    classes = []
+    for module in network.modules():
+        cls = type(module)
+        if cls in classes or cls.__module__.startswith("torch.") or any(True for _ in module.parameters()):
+            continue
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if "self.training" in source:
+            classes.append(cls)
+    return classes
+
+
 class FxMode(QuantMode):
     name = "fx"
 
     def _prepare(self, prepare_fn, network, mapping, example_inputs, backend):
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+        leaves = PrepareCustomConfig().set_non_traceable_module_classes(training_dependent_leaves(network))
         try:
-            prepared = prepare_fn(network, mapping, example_inputs, backend_config=backend.fx_backend_config())
+            prepared = prepare_fn(network, mapping, example_inputs, prepare_custom_config=leaves,
+                                  backend_config=backend.fx_backend_config())
         except Exception as exc:  # noqa: BLE001 - symbolic tracing raises many exception types
             raise self.untraceable(network, exc) from exc
         # Kept for convert: FX needs the same mapping and backend config on both sides.
