@@ -271,3 +271,20 @@ def test_a_symmetric_quantizer_with_a_nonzero_zero_point_is_refused_before_expor
                                                       r"but holds zero point -127 in channel 3 .*symmetric means 0"):
         export(finalized, _inputs(4), "onnx", tmp_path / "net.onnx")
     assert not any(tmp_path.iterdir())
+
+
+def test_the_float_twin_keeps_the_saturation_that_replaced_a_merged_relu(tmp_path):
+    """After merge_relu_clamp drops a ReLU whose quantizer saturates at 0, the float reference must
+    still clamp there: the fake-quant model is then within quantization noise of it."""
+    from qlightning.passes.graph import float_twin
+    from qlightning.passes.verify import sqnr_db
+
+    impl, _, prepared = _trained("pt2e", SmallCNN(), steps=16)
+    finalized = impl.finalize(prepared, _inputs())
+    graph = finalized.graph_module.graph
+    assert not any("relu" in str(n.target) for n in graph.nodes if n.op == "call_function")  # merged away
+    x = _inputs(64, seed=7)[0]
+    with torch.no_grad():
+        assert sqnr_db(float_twin(finalized)(x), finalized(x)) > 25  # 8-bit rounding noise only
+    report = export(finalized, _inputs(4), "onnx", tmp_path / "net.onnx", check_inputs=[(x,)])
+    assert report["fake_quant_float_sqnr_db"] > 25 and abs(report["noise_growth_db"]) < 1

@@ -128,14 +128,18 @@ def restore(gm: fx.GraphModule, backup: fx.GraphModule) -> None:
 
 
 def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
-                     max_noise_growth_db: float = 1.0) -> int:
+                     max_noise_growth_db: float = 3.0) -> int:
     """Merge clamps into the qparams of the following quantizer, in place; returns how many.
 
     Run it after training/calibration (observers frozen). With ``example_inputs`` the model's error
     against the float network of the same weights (every quantizer the identity) is measured before
     and after; if it grew by more than ``max_noise_growth_db``,
     :class:`~qlightning.passes.verify.PassToleranceError` is raised and the model restored. Narrowed
-    qparams have finer steps, so a correct merge lowers that error; comparing the model before and
+    qparams have finer steps, so on data like the observed a correct merge lowers that error; inputs
+    beyond the observed range are clipped at the narrowed ends, which can raise it (1.3 dB on random
+    inputs to a small net, measured), so the allowance is the export's: at most as much added noise as
+    quantization itself (3 dB), while a wrong merge (a clamp dropped that saturation does not
+    implement) moves outputs by the clamp's whole effect. Comparing the model before and
     after directly instead (a fixed SQNR floor) refused correct merges on deep networks, whose
     outputs differ by the whole network's quantization noise after any requantization (26-28 dB
     on mobilenet_v2 and googlenet, issue 17).
