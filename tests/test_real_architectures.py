@@ -225,3 +225,29 @@ def test_onnxruntime_backend_runs_silu_and_gates_in_integer_kernels(tmp_path):
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
     assert ops["QLinearSigmoid"] == 2 and ops["QLinearMul"] == 2  # SiLU's and the gate's
     assert ops["Sigmoid"] == 0 and ops["Mul"] == 0
+
+
+@pytest.mark.parametrize("mode,backend", [("pt2e", "onnxruntime"), ("fx", "x86")])
+def test_vit_qat_with_the_default_model_summary(mode, backend, tmp_path):
+    """The class token, expanded to the batch, feeds a quantizer; Lightning's model summary counts
+    FLOPs under no_grad, and torch 2.14.1's ModuleTracker asserted "Expected gradient function to be
+    set" on that view of a parameter: a default Trainer crashed at fit start."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10)
+    module = ImageClassifier(net, input_shape=(3, 32, 32))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32),
+                                                                      torch.randint(0, 10, (16,))), batch_size=8)
+    # FX's ViT export is left out: ONNX Runtime adds 3.4 dB over fake-quant's error there (an open
+    # mismatch in the transformer ops, see docs/zoo.md); this test is about fit starting at all.
+    export = ["onnx"] if mode == "pt2e" else None
+    callback = QuantizationAwareTraining(mode, backend, export=export, export_dir=tmp_path)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[callback])
+    assert any(isinstance(c, L.pytorch.callbacks.ModelSummary) for c in trainer.callbacks)
+    trainer.fit(module, data, data)
+    assert callback.quantized_model is not None
+    if export:
+        assert callback.exported["onnx"]["noise_growth_db"] <= 3.0

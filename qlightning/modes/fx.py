@@ -74,6 +74,9 @@ class FxMode(QuantMode):
                                   backend_config=backend.fx_backend_config())
         except Exception as exc:  # noqa: BLE001 - symbolic tracing raises many exception types
             raise self.untraceable(network, exc) from exc
+        from qlightning.passes.graph import clone_parameter_views_into_quantizers
+
+        clone_parameter_views_into_quantizers(prepared)
         # Kept for convert: FX needs the same mapping and backend config on both sides.
         prepared.meta["qlightning_qconfig_mapping"] = mapping
         # Kept for backends without PyTorch int8 kernels, converted through PT2E instead.

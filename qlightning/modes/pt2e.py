@@ -21,6 +21,7 @@ from qlightning.modes.pt2e_dynamic import (
     static_spec,
 )
 from qlightning.observers import get_observer
+from qlightning.passes.graph import clone_parameter_views_into_quantizers
 from qlightning.passes.pt2e_fold_bn import fold_qat_conv_bn, unscale_by_reciprocal
 from qlightning.passes.split_reused_modules import split_reused_module_partitions
 from qlightning.spec import QuantRecipe, TensorQuantSpec, fused_kernel_keeps
@@ -184,6 +185,7 @@ class Pt2eMode(QuantMode):
         quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=True))
         graph_module = prepare_qat_pt2e(self._export(network.train(), example_inputs), quantizer)
         unscale_by_reciprocal(graph_module)
+        clone_parameter_views_into_quantizers(graph_module)
         prepared = ExportedNetwork(graph_module)
         if get_observer(recipe.observer).learnable:
             # LearnableFakeQuantize creates its scale parameters on first use: do it now, in eval
@@ -202,7 +204,9 @@ class Pt2eMode(QuantMode):
         exported = self._export(network.eval(), example_inputs)
         network.train(was_training)
         # prepare_pt2e folds BatchNorm into the preceding conv/linear before observing.
-        return ExportedNetwork(prepare_pt2e(exported, quantizer), inference_only=True)
+        observed = prepare_pt2e(exported, quantizer)
+        clone_parameter_views_into_quantizers(observed)
+        return ExportedNetwork(observed, inference_only=True)
 
     def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
         choice = get_observer(recipe.observer)

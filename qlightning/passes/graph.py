@@ -232,3 +232,58 @@ def float_twin(model: nn.Module) -> nn.Module:
         setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, _saturation_of(module))
         replaced.append(name)
     return twin
+
+
+_VIEW_FUNCTIONS = {
+    torch.ops.aten.expand.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+    torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims, torch.ops.aten.slice.Tensor, torch.ops.aten.select.int,
+    torch.ops.aten.t.default, torch.ops.aten.alias.default,
+}
+_VIEW_METHODS = {"expand", "expand_as", "view", "view_as", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "t"}
+
+
+def _is_parameter_view(gm: fx.GraphModule, node) -> bool:
+    viewed = False
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and (
+        node.target in _VIEW_FUNCTIONS or node.target in _VIEW_METHODS
+    ):
+        node, viewed = node.args[0], True
+    if not viewed or not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    try:
+        value = gm.get_parameter(node.target)
+    except AttributeError:
+        return False
+    return isinstance(value, nn.Parameter)
+
+
+def clone_parameter_views_into_quantizers(gm: fx.GraphModule) -> int:
+    """Feed quantizers a copy, not a view, of a parameter (ViT's class token, expanded to the batch).
+
+    torch 2.14.1's ModuleTracker (``torch.utils.module_tracker``, used by ``FlopCounterMode`` and so
+    by Lightning's model summary) hooks every module input that requires grad; a view of a parameter
+    made under ``no_grad`` reports ``requires_grad`` without a grad_fn, and the hook asserts "Expected
+    gradient function to be set": a default Trainer crashed at fit start on the ViT whenever a backend
+    quantizes the class token. A clone is a plain tensor under ``no_grad`` and costs one small copy.
+    Returns the number of clones inserted."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not node.args or not is_quantizer(gm.get_submodule(node.target)):
+            continue
+        source = node.args[0]
+        if not _is_parameter_view(gm, source):
+            continue
+        with gm.graph.inserting_before(node):
+            copy_node = gm.graph.call_function(torch.ops.aten.clone.default, (source,))
+        if "val" in source.meta:
+            copy_node.meta["val"] = source.meta["val"]
+        node.replace_input_with(source, copy_node)
+        count += 1
+        # An FX prepared model's convert looks every node up in the scope map prepare recorded.
+        attrs = getattr(gm, "meta", {}).get("_observed_graph_module_attrs")
+        if attrs is not None:
+            attrs.node_name_to_scope[copy_node.name] = attrs.node_name_to_scope.get(node.name, ("", type(None)))
+    if count:
+        gm.recompile()
+    return count
