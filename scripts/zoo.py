@@ -159,7 +159,11 @@ def _write(results, config, output, write_json, write_text, markdown, torch, tor
                   f"on {config.train_images} Fashion-MNIST training images resized to the model's input "
                   f"(32x32, the ViT 64x64) as 3 channels. QAT fine-tunes it for {config.qat_steps} steps at lr "
                   f"{config.qat_lr}; static PTQ calibrates on {config.calibration_batches} batches of "
-                  f"{config.batch_size}. Test accuracy is on {config.test_images} test images."),
+                  f"{config.batch_size}. Test accuracy is on {config.test_images} test images. BatchNorm momentum is "
+                  "0.1 everywhere (mnasnet's 0.0003 left it at chance after this little training) and squeezenet "
+                  "trains at a quarter of the learning rate (its final ReLU died at the full rate). Two cells run "
+                  "at once, one thread each; ORT latencies are then measured again one cell at a time "
+                  "(`--remeasure-latency`)."),
         "config": asdict(config),
     }
     write_json(output.with_suffix(".json"), {"meta": meta, "results": results})
