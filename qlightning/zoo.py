@@ -419,6 +419,13 @@ def markdown(results: list[dict], meta: dict) -> str:
         "int8/quantize_static | note |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    done = {(r["model"], r["method"], r["mode"], r["backend"], r["format"]) for r in results}
+    missing = [f"{m} {method} {t.name}" for m in MODELS.names() for method in METHODS for t in TARGETS
+               if (m, method, t.mode, t.backend, t.format) not in done]
+    if missing:
+        lines[lines.index("| model | method | target | status | float | int8 | Δ | size | vs float: fq / runtime | "
+                          "int8/fp32 | int8/quantize_static | note |") - 1:0] = [
+            f"Not run in this table ({len(missing)} cells): " + "; ".join(missing) + ".", ""]
     for r in results:
         delta = r["int8_acc"] - r["float_acc"] if r.get("int8_acc") is not None else None
         note = r.get("reason", "") if r["status"] != "ok" else r.get("latency_error", "")
