@@ -20,6 +20,18 @@ def _recipe(mode, backend="x86", observer="moving_average_minmax"):
     return build_recipe(mode, backend, observer, "per_channel_symmetric", "per_tensor_affine")
 
 
+def _prepared_torchvision(name, mode):
+    """A random-weight torchvision classifier prepared for QAT on x86: (impl, backend, prepared, x)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    backend, recipe = _recipe(mode)
+    impl = get_mode(mode)
+    return impl, backend, impl.prepare_qat(net, (x,), recipe, backend), x
+
+
 class TransformerClassifier(nn.Module):
     def __init__(self):
         super().__init__()
@@ -95,14 +107,7 @@ def test_eager_takes_torchvision_quantizable_resnet18_as_it_is(qat, tmp_path):
 def test_pt2e_x86_quantizes_each_call_of_a_reused_activation_module():
     """torchvision's BasicBlock calls one `self.relu` twice; torchao 0.18's x86 quantizer raised
     "Input partition has more than one output node" on resnet18."""
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None, num_classes=10)
-    x = torch.randn(2, 3, 32, 32)
-    backend, recipe = _recipe("pt2e")
-    impl = get_mode("pt2e")
-    prepared = impl.prepare_qat(net, (x,), recipe, backend)
+    impl, backend, prepared, x = _prepared_torchvision("resnet18", "pt2e")
     graph = prepared.graph_module.graph
     relus = [n for n in graph.nodes if n.op == "call_function" and "relu" in str(n.target)]
     # Every ReLU call's output is observed: after bn1 (conv-bn-relu) and after the add (add-relu), 17 in all.
@@ -168,14 +173,7 @@ def test_eager_still_refuses_a_network_that_never_ran():
 def test_fx_keeps_stochastic_depth_a_module_so_eval_is_deterministic():
     """Traced in train mode, torchvision's StochasticDepth stayed random in eval (efficientnet_b0's
     FX fold_bn saw outputs move by 0.77 between two eval passes)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.efficientnet_b0(weights=None, num_classes=10)
-    x = torch.randn(2, 3, 32, 32)
-    backend, recipe = _recipe("fx")
-    impl = get_mode("fx")
-    prepared = impl.prepare_qat(net, (x,), recipe, backend)
+    impl, _, prepared, x = _prepared_torchvision("efficientnet_b0", "fx")
     with torch.no_grad():
         prepared(torch.randn(8, 3, 32, 32))
         prepared.eval()
