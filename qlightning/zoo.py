@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qlightning.data.fashion_mnist import DEBIAN_FOLDER, FashionMNISTDataModule
 from qlightning.errors import QuantizationConfigError, UntraceableModelError
-from qlightning.models import ImageClassifier
+from qlightning.models import ImageClassifier, accuracy
 from qlightning.registry import Registry
 
 NUM_CLASSES = 10
@@ -224,16 +224,6 @@ def _trainer(root: Path, callbacks=(), **kwargs) -> L.Trainer:
                      enable_progress_bar=False, default_root_dir=str(root), callbacks=list(callbacks), **kwargs)
 
 
-@torch.no_grad()
-def torch_accuracy(net: nn.Module, loader: DataLoader) -> float:
-    net.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((net(x).argmax(1) == y).sum())
-        total += y.numel()
-    return 100.0 * correct / total
-
-
 def runtime_accuracy(fmt: str, path: Path, loader: DataLoader) -> float:
     """Top-1 accuracy of an exported file run in its format's runtime."""
     from qlightning.exporters import get_format
@@ -263,7 +253,7 @@ def float_weights(name: str, config: ZooConfig, cache: Path) -> tuple[Path, dict
     data = ZooDataModule(model.image_size, config)
     start = time.perf_counter()
     _trainer(cache / "runs", max_epochs=config.float_epochs, enable_model_summary=False).fit(module, data)
-    info = {"float_acc": torch_accuracy(module.net, data.test_dataloader()), "train_s": time.perf_counter() - start}
+    info = {"float_acc": accuracy(module.net, data.test_dataloader()), "train_s": time.perf_counter() - start}
     torch.save(module.net.state_dict(), weights)
     info_path.write_text(json.dumps(info))
     return weights, info

@@ -53,9 +53,9 @@ def _output_scale(converted: nn.Module) -> float | None:
 
 
 def _sqnr(reference: np.ndarray, candidate: np.ndarray) -> float:
-    noise = float(np.mean((candidate - reference) ** 2))
-    signal = float(np.mean(reference**2))
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+    from qlightning.passes.verify import sqnr_db
+
+    return sqnr_db(torch.from_numpy(reference), torch.from_numpy(candidate))
 
 
 def _agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
