@@ -4,6 +4,7 @@ every cell in its own subprocess with a timeout, and write ``docs/zoo.md`` and `
     python scripts/zoo.py                          # the whole table (about an hour on 2 cores)
     python scripts/zoo.py --models resnet18 --methods qat --targets pt2e/x86->onnx
     python scripts/zoo.py --resume                 # keep the cells already in the results file
+    python scripts/zoo.py --update --models mnasnet0_5   # run these cells again, keep the others
 
 Float weights are trained once per model and cached under ``--workdir``.
 """
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch / runtime threads per cell")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     parser.add_argument("--resume", action="store_true", help="keep results already in <output>.json")
+    parser.add_argument("--update", action="store_true",
+                        help="run the selected cells again and keep every other cell of <output>.json")
     parser.add_argument("--config", default="{}", help="JSON overrides of ZooConfig")
     parser.add_argument("--float-only", action="store_true", help="only train (and cache) the float networks")
     parser.add_argument("--remeasure-latency", action="store_true",
@@ -114,10 +117,13 @@ def main(argv=None) -> int:
     models = args.models or MODELS.names()
     targets = [t for t in TARGETS if not args.targets or t.name in args.targets]
     methods = [m for m in METHODS if m in args.methods]
+    selected = {(m, method, t.mode, t.backend, t.format) for m in models for method in methods for t in targets}
     previous = {}
-    if args.resume and output.with_suffix(".json").is_file():
+    if (args.resume or args.update) and output.with_suffix(".json").is_file():
         for r in json.loads(output.with_suffix(".json").read_text())["results"]:
-            previous[(r["model"], r["method"], r["mode"], r["backend"], r["format"])] = r
+            key = (r["model"], r["method"], r["mode"], r["backend"], r["format"])
+            if not (args.update and key in selected):
+                previous[key] = r
 
     torch.set_num_threads(2)
     for name in models:  # float training first, in this process, so cells only load weights
