@@ -121,11 +121,16 @@ def test_pt2e_x86_quantizes_each_call_of_a_reused_activation_module():
         assert sqnr_db(finalized.eval()(x), converted(x)) > 30  # the int8 graph computes the fake-quant model
 
 
-def test_fx_converts_timm_mobilenetv3_after_the_relu_merge_removed_nodes():
-    """merge_relu_clamp erases clamps and the getattr nodes only they used; torch 2.14.1's convert_fx
-    raised "Expected key getattr_2 in convert node_name_to_qconfig"."""
+def test_fx_converts_timm_mobilenetv3_after_the_relu_merge_removed_nodes(monkeypatch):
+    """merge_relu_clamp's dead-code pass erases nodes that the prepare-time qconfig map names (the rank
+    checks of timm's norm-act layers, traced through); torch 2.14.1's convert_fx raised "Expected key
+    getattr_2 in convert node_name_to_qconfig". timm's BatchNormAct2d is now split before tracing, so the
+    split is turned off here to keep tracing through such a layer, as FX does for a user's own."""
     import timm
 
+    import qlightning.modes.fx_rewrites
+
+    monkeypatch.setattr(qlightning.modes.fx_rewrites, "split_timm_batchnorm_act", lambda network: 0)
     torch.manual_seed(0)
     net = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10)
     x = torch.randn(2, 3, 32, 32)
@@ -183,6 +188,32 @@ def test_fx_keeps_stochastic_depth_a_module_so_eval_is_deterministic():
     impl.finalize(prepared, (x,))  # fold_bn verifies itself against eval outputs
 
 
+def test_fx_splits_timm_batchnorm_act_so_eval_uses_running_statistics_and_bn_folds():
+    """timm's BatchNormAct2d calls F.batch_norm with ``training`` read at trace time: traced for QAT, the
+    converted model normalized with batch statistics in eval and BN never folded into the conv (timm
+    mobilenetv3 FX QAT: ORT 7 dB further from float than fake quant)."""
+    import timm
+    from torch.ao.nn.intrinsic.qat import ConvBn2d, ConvBnReLU2d
+
+    torch.manual_seed(0)
+    net = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10)
+    bn_weight = net.bn1.weight
+    x = torch.randn(4, 3, 32, 32)
+    backend, recipe = _recipe("fx")
+    prepared = get_mode("fx").prepare_qat(net, (x,), recipe, backend)
+    assert not [n for n in prepared.graph.nodes if n.target is torch.nn.functional.batch_norm]
+    fused = [m for m in prepared.modules() if isinstance(m, (ConvBn2d, ConvBnReLU2d))]
+    assert len(fused) == sum(isinstance(m, nn.BatchNorm2d) for m in timm.create_model(
+        "mobilenetv3_small_100", pretrained=False, num_classes=10).modules())
+    assert any(m.bn.weight is bn_weight for m in fused)  # the optimizer's Parameter still trains
+    with torch.no_grad():
+        prepared(torch.randn(8, 3, 32, 32))
+        prepared.eval()
+        get_mode("fx").set_observers_enabled(prepared, False)
+        # In eval each image's output is its own, whatever else is in the batch.
+        torch.testing.assert_close(prepared(x)[:1], prepared(x[:1]), rtol=1e-4, atol=1e-5)
+
+
 class SiluSqueezeExcite(nn.Module):
     """EfficientNet's pieces: conv-bn-SiLU, then a squeeze-excitation gate x * sigmoid(conv(mean(x)))."""
 
@@ -198,8 +229,10 @@ class SiluSqueezeExcite(nn.Module):
         return self.head((x * gate).mean((2, 3)))
 
 
-def test_onnxruntime_backend_runs_silu_and_gates_in_integer_kernels(tmp_path):
-    """Left float, EfficientNet's SiLU / squeeze-excitation made ORT 1.8-2.1x slower than quantize_static."""
+@pytest.mark.parametrize("mode", ["pt2e", "fx"])
+def test_onnxruntime_backend_runs_silu_and_gates_in_integer_kernels(mode, tmp_path):
+    """Left float, EfficientNet's SiLU / squeeze-excitation made ORT 1.8-2.1x slower than quantize_static
+    (PT2E: the quantizer annotates them; FX: nn.SiLU is traced as x * sigmoid(x))."""
     import collections
 
     import onnx
@@ -209,14 +242,14 @@ def test_onnxruntime_backend_runs_silu_and_gates_in_integer_kernels(tmp_path):
 
     torch.manual_seed(0)
     net, x = SiluSqueezeExcite().eval(), torch.randn(4, 3, 16, 16)
-    backend, recipe = _recipe("pt2e", backend="onnxruntime", observer="minmax")
-    impl = get_mode("pt2e")
+    backend, recipe = _recipe(mode, backend="onnxruntime", observer="minmax")
+    impl = get_mode(mode)
     observed = impl.prepare_ptq(net, (x,), recipe, backend)
     with torch.no_grad():
         observed(torch.randn(32, 3, 16, 16))
     report = export(impl.finalize(observed, (x,)), (x,), "onnx", tmp_path / "net.onnx",
                     check_inputs=[(torch.randn(32, 3, 16, 16),)], backend="onnxruntime")
-    assert report["noise_growth_db"] <= 3.0
+    assert report.get("noise_growth_db", 0.0) <= 3.0 and report["sqnr_db"] >= 35
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "net.onnx"), options, providers=["CPUExecutionProvider"])

@@ -166,6 +166,7 @@ register_backend(
         fx_backend_config=_fx_backend_config,
         pt2e_quantizer=onnxruntime_quantizer,
         shared_split_qparams=True,
+        fx_silu_as_sigmoid_mul=True,
         description="ONNX Runtime QDQ: outputs of conv/linear/add quantized so ORT fuses integer kernels",
     )
 )

@@ -33,6 +33,8 @@ class Backend:
     # Whether PyTorch's int8 kernels (``engine``) run this layout; if not, FX converts through PT2E.
     torch_int8_kernels: bool = True
     description: str = ""
+    # FX traces nn.SiLU as x * sigmoid(x), so the runtime's integer sigmoid and mul kernels run it.
+    fx_silu_as_sigmoid_mul: bool = False
     # pip extra bringing the modules its quantizer needs (checked when a callback is constructed)
     extra: str | None = None
     required_modules: tuple[str, ...] = ()

@@ -68,6 +68,11 @@ class FxMode(QuantMode):
     def _prepare(self, prepare_fn, network, mapping, example_inputs, backend):
         from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 
+        from qlightning.modes.fx_rewrites import decompose_silu, split_timm_batchnorm_act
+
+        split_timm_batchnorm_act(network)
+        if backend.fx_silu_as_sigmoid_mul:
+            decompose_silu(network)
         leaves = PrepareCustomConfig().set_non_traceable_module_classes(training_dependent_leaves(network))
         try:
             prepared = prepare_fn(network, mapping, example_inputs, prepare_custom_config=leaves,
