@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="{}", help="JSON overrides of ZooConfig")
     parser.add_argument("--float-only", action="store_true", help="only train (and cache) the float networks")
     parser.add_argument("--remeasure-latency", action="store_true",
-                        help="measure ORT latency again, one cell at a time, from the cells' files in <output>.json")
+                        help="measure ORT latency again, one cell at a time, from the cells' files in <output>.json "
+                             "(the cells --models / --methods / --targets select)")
     parser.add_argument("--cell", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -104,8 +105,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(2)
         data = json.loads(output.with_suffix(".json").read_text())
         results = []
+        chosen = [t.name for t in TARGETS if not args.targets or t.name in args.targets]
         for r in data["results"]:
-            if r["status"] == "ok" and r["format"] == "onnx" and "latency_ms" in r:
+            picked = ((not args.models or r["model"] in args.models) and r["method"] in args.methods
+                      and f"{r['mode']}/{r['backend']}->{r['format']}" in chosen)
+            if picked and r["status"] == "ok" and r["format"] == "onnx" and "latency_ms" in r:
                 cell = f"{r['model']}-{r['method']}-{r['mode']}-{r['backend']}-{r['format']}"
                 r = remeasure_latency(r, Path(args.workdir) / "cells" / cell)
                 print(f"{cell}: int8/quantize_static {r['int8_over_quantize_static']:.2f}", flush=True)
