@@ -311,6 +311,23 @@ def remeasure_latency(result: dict, cell_dir: Path, rounds: int = 300, threads: 
     }
 
 
+def remeasure_onnx_size(result: dict, cell_dir: Path) -> dict:
+    """The size ratio of a finished ONNX cell as the current exporter writes the file: without the
+    per-node stack traces torch.onnx adds (:data:`qlightning.exporters.onnx_format._DEBUG_METADATA`),
+    which files exported before that change still carry. The file is rewritten in place."""
+    import onnx
+
+    from qlightning.exporters import onnx_format
+
+    path = cell_dir / result.get("path", "net.onnx")
+    if result.get("status") != "ok" or result.get("format") != "onnx" or not path.is_file():
+        return result
+    model = onnx.load(str(path))
+    onnx_format.strip_debug_metadata(model)
+    onnx.save(model, str(path))
+    return result | {"size_ratio": path.stat().st_size / onnx_format.float_size_bytes(path)}
+
+
 def _one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
     return text[0][:400] if text else type(exc).__name__

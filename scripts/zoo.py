@@ -40,6 +40,10 @@ def _cell_main(args) -> int:
     return 0
 
 
+def _cell_name(result: dict) -> str:
+    return f"{result['model']}-{result['method']}-{result['mode']}-{result['backend']}-{result['format']}"
+
+
 def _run_in_subprocess(cell: tuple, args, config_json: str) -> dict:
     model, method, target = cell
     out = Path(args.workdir) / "results" / f"{model}-{method}-{target.mode}-{target.backend}-{target.format}.json"
@@ -85,6 +89,9 @@ def main(argv=None) -> int:
     parser.add_argument("--remeasure-latency", action="store_true",
                         help="measure ORT latency again, one cell at a time, from the cells' files in <output>.json "
                              "(the cells --models / --methods / --targets select)")
+    parser.add_argument("--remeasure-size", action="store_true",
+                        help="size ratios of the ONNX cells in <output>.json again, from their files as the current "
+                             "exporter writes them")
     parser.add_argument("--cell", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -99,6 +106,13 @@ def main(argv=None) -> int:
 
     config = ZooConfig(**json.loads(args.config))
     output = Path(args.output)
+    if args.remeasure_size:
+        from qlightning.zoo import remeasure_onnx_size
+
+        data = json.loads(output.with_suffix(".json").read_text())
+        results = [remeasure_onnx_size(r, Path(args.workdir) / "cells" / _cell_name(r)) for r in data["results"]]
+        _write(results, config, output, write_json, write_text, markdown, torch, torchao)
+        return 0
     if args.remeasure_latency:
         from qlightning.zoo import remeasure_latency
 
@@ -110,7 +124,7 @@ def main(argv=None) -> int:
             picked = ((not args.models or r["model"] in args.models) and r["method"] in args.methods
                       and f"{r['mode']}/{r['backend']}->{r['format']}" in chosen)
             if picked and r["status"] == "ok" and r["format"] == "onnx" and "latency_ms" in r:
-                cell = f"{r['model']}-{r['method']}-{r['mode']}-{r['backend']}-{r['format']}"
+                cell = _cell_name(r)
                 r = remeasure_latency(r, Path(args.workdir) / "cells" / cell)
                 print(f"{cell}: int8/quantize_static {r['int8_over_quantize_static']:.2f}", flush=True)
             results.append(r)
