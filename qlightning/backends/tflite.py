@@ -46,10 +46,43 @@ def _patterns_as_modules() -> None:
     litert_utils._get_aten_graph_module_for_pattern = as_module
 
 
+def _litert_pt2e_quantizer_class():
+    """litert-torch's ``PT2EQuantizer``, made to annotate ``torch.cat`` under torch >= 2.10.
+
+    litert-torch 0.10 finds cat with ``get_source_partitions(graph, [torch.cat])``, which reads
+    ``source_fn_stack``; non-strict ``torch.export`` leaves it unset (its ``torch_fn`` fallback gives the
+    name ``"cat"``, not ``torch.cat``), so no cat was annotated: torch computed cat, and the max-pools
+    after it, in float between dequantize and quantize, while LiteRT's converter made an int8
+    CONCATENATION at its first input's scale (clipping the wider branches: googlenet's inception 3b
+    cat at 5.95 while a branch reaches 7.75; ViT's class token, |v| < 0.1, rounded to the patch
+    embedding's 0.066 grid) and, where it dropped the requantize after a max-pool, kept the consuming
+    convs' int32 bias at the dropped scale (bias off by 1.18-1.32x). Each cat gets a source entry
+    of its own, and cat is annotated before the pools that share their input's qparams (max_pool2d /
+    adaptive_avg_pool2d annotate only an already annotated input), so cat -> max_pool -> conv share one
+    scale and need no requantize. Only cat nodes without a ``source_fn_stack`` are touched."""
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+
+    static_ops = [op for op in PT2EQuantizer.STATIC_OPS if op != "cat"]
+    static_ops.insert(static_ops.index("adaptive_avg_pool2d"), "cat")
+
+    class LiteRtPT2EQuantizer(PT2EQuantizer):
+        STATIC_OPS = static_ops
+
+        def transform_for_annotation(self, model):
+            model = super().transform_for_annotation(model)
+            for node in model.graph.nodes:
+                if (node.op == "call_function" and node.target == torch.ops.aten.cat.default
+                        and not node.meta.get("source_fn_stack")):
+                    node.meta["source_fn_stack"] = [(node.name, torch.cat)]
+            return model
+
+    return LiteRtPT2EQuantizer
+
+
 def litert_quantizer(config):
     """litert-torch's PT2E quantizer with qlightning's specs (a torchao ``QuantizationConfig``)."""
     import torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
     from litert_torch.quantize.pt2e_quantizer_utils import QuantizationConfig
     from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec
 
@@ -58,7 +91,7 @@ def litert_quantizer(config):
                                          quant_max=127, qscheme=torch.per_tensor_affine)
     litert_config = QuantizationConfig(config.input_activation, config.output_activation, config.weight, None,
                                        fixed, config.is_qat, False)
-    return PT2EQuantizer().set_global(litert_config)
+    return _litert_pt2e_quantizer_class()().set_global(litert_config)
 
 
 def tflite_fx_backend_config():
