@@ -37,9 +37,9 @@ def test_zoo_qat_pt2e_exports_and_runs_in_onnxruntime_within_a_point_of_float(mo
     # QAT int8 accuracy, in ONNX Runtime, within 1 point of float (1000 test images: 10 images).
     assert result["int8_acc"] >= result["float_acc"] - 1.0, result
     if model == "vit_small_64":
-        # The attention projections (nn.MultiheadAttention's packed in_proj / out_proj, called
-        # functionally) stay float in every PT2E backend: measured 0.68-0.76 of the fp32 file. An open
-        # gap, listed in docs/zoo.md; the MLP and head are int8.
-        assert result["size_ratio"] < 0.8
+        # Every weight is int8, but this ViT has 85 k parameters and its 274 ONNX nodes carry their module
+        # names (about 170 KB, as much as the int8 weights): 0.57 of the fp32 file for onnxruntime. x86 is
+        # 0.71: torchao's X86InductorQuantizer leaves nn.MultiheadAttention's out_proj float.
+        assert result["size_ratio"] < (0.75 if backend == "x86" else 0.6)
     else:
         assert result["size_ratio"] < 0.35  # int8 weights: about a quarter of the fp32 file
