@@ -71,6 +71,63 @@ def set_exported_training(gm: torch.fx.GraphModule, batchnorm: bool, dropout: bo
         gm.recompile()
 
 
+_DIVIDES = {aten.div.Tensor, aten.div_.Tensor, aten.div.Scalar, aten.div_.Scalar}
+
+
+def drop_unit_masks(gm: torch.fx.GraphModule) -> int:
+    """Remove ``x * mask`` where ``mask`` is a random op's expectation divided by itself (stochastic depth
+    in eval behaviour: ``fill(p) / p``, exactly 1), through any quantize / dequantize pairs the quantizer
+    put on the mask. An inference-only graph then holds what eager eval computes, the residual branch
+    itself: efficientnet_b0's PT2E QAT ONNX file had kept 9 Expand -> Div -> Mul chains multiplying by
+    one (issue 17). Returns how many products were removed."""
+    removed = 0
+    for fill in list(gm.graph.nodes):
+        if fill.target not in (aten.fill_.Scalar, aten.full_like.default):
+            continue
+        for div in list(fill.users):
+            if div.target not in _DIVIDES or div.args[0] is not fill or div.args[1] != fill.args[1]:
+                continue
+            for user in list(div.users):
+                chain = [user]
+                while (chain[-1].target is not aten.mul.Tensor and len(chain[-1].users) == 1
+                       and "quantize" in str(chain[-1].target)):
+                    chain.append(next(iter(chain[-1].users)))
+                mul = chain[-1]
+                if mul.target is not aten.mul.Tensor or len(mul.args) != 2:
+                    continue
+                mask = chain[-2] if len(chain) > 1 else div
+                other = mul.args[1] if mul.args[0] is mask else mul.args[0]
+                kept, product = _value_of(other), _value_of(mul)
+                if kept is None or product is None or kept.shape != product.shape:
+                    continue  # the mask would broadcast the other operand
+                mul.replace_all_uses_with(other)
+                _erase_unused([*reversed(chain), div, fill], gm.graph)
+                removed += 1
+    if removed:
+        gm.recompile()
+    return removed
+
+
+def _erase_unused(nodes: list, graph: torch.fx.Graph) -> None:
+    """Erase ``nodes`` (users first) and then their inputs, each only once nothing uses it. Not FX's
+    dead-code pass: that keeps the in-place fill, or (told otherwise) drops every unused in-place op."""
+    pending, erased = list(nodes), set()
+    while pending:
+        node = pending.pop(0)
+        if node not in erased and not node.users and node.op == "call_function":
+            pending.extend(node.all_input_nodes)
+            graph.erase_node(node)
+            erased.add(node)
+
+
+def _value_of(node):
+    """The example value of ``node``, looked up through the quantize / dequantize nodes conversion
+    inserted without one."""
+    while "val" not in node.meta and "quantize" in str(node.target) and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node.meta.get("val")
+
+
 def _is_batch_counter(node: torch.fx.Node) -> bool:
     counter = node.args[0] if node.target == aten.add_.Tensor and node.args else None
     return isinstance(counter, torch.fx.Node) and counter.op == "get_attr" and str(counter.target).endswith(
@@ -236,6 +293,7 @@ class Pt2eMode(QuantMode):
         set_exported_training(graph, batchnorm=False, dropout=False)
         fold_qat_conv_bn(graph)
         converted = convert_pt2e(graph, fold_quantize=fold_quantize)
+        drop_unit_masks(converted)
         _drop_unreferenced_tensors(converted)
         return ExportedNetwork(converted, inference_only=True)
 
