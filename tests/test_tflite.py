@@ -118,3 +118,57 @@ def test_litert_runs_a_concatenation_of_branches_with_different_ranges(tmp_path)
     report = export(impl.finalize(prepared, _inputs(4)), _inputs(4), "tflite", tmp_path / "net.tflite",
                     check_inputs=[_inputs(32, seed=7)])
     assert report["noise_growth_db"] <= 1.0  # LiteRT computes what the fake-quant model computes
+
+
+class OneTokenAttention(torch.nn.Module):
+    """efficientvit's ``v @ attn.transpose(-2, -1)`` where the feature map is 1x1 (one token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Conv2d(1, 12, 8)  # 8x8 -> 1x1
+        self.proj = torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        batch = x.shape[0]
+        q, k, v = self.qkv(x).flatten(2).split([2, 2, 8], dim=1)
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)
+        heads = [(v @ attn.transpose(-2, -1)).view(batch, 8, 1, 1), (v * 0.5 @ attn.transpose(-2, -1)).view(batch, 8, 1, 1)]
+        return self.proj(torch.relu(torch.cat(heads, 1))).flatten(1)
+
+
+def test_a_matmul_over_one_token_is_written_as_the_product_it_is_for_litert():
+    """litert-torch 0.10's converter broke efficientvit_m0's one-token matmuls ("'tfl.batch_matmul' op
+    found invalid output rank, expected 3 but got 4")."""
+    gm = torch.export.export(OneTokenAttention().eval(), _inputs(1)).module()
+    rewritten = tflite_format.outer_product_matmuls(gm)
+    matmuls = [n for n in rewritten.graph.nodes if n.target == torch.ops.aten.matmul.default]
+    assert len(matmuls) == 1  # q^T @ k contracts over 2 channels: kept
+    assert torch.equal(rewritten(*_inputs(1)), gm(*_inputs(1)))  # the same products, exactly
+    assert len([n for n in gm.graph.nodes if n.target == torch.ops.aten.matmul.default]) == 3  # gm untouched
+
+
+class CatReLUConv(torch.nn.Module):
+    """efficientvit's ``proj(cat(heads))`` with proj = ReLU -> conv: LiteRT's cat shares one quantizer
+    between its inputs and output, and the ReLU after it is a merge candidate."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.proj = torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(8, 4, 1)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.head(self.proj(torch.relu(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("keep_shared", [True, False])
+def test_the_relu_merge_keeps_a_concat_on_one_scale_for_litert(keep_shared):
+    """Merged into the cat's output quantizer, the ReLU left the cat's inputs on the old scale: "'tfl.concatenation'
+    op quantization parameters violate the same scale constraint" (efficientvit_m0 QAT)."""
+    impl, backend, prepared = _trained("pt2e", CatReLUConv(), backend="tflite")
+    assert backend.same_scale_concat
+    final = impl.finalize(prepared, _inputs(4), share_split=True, keep_shared_quantizers=keep_shared)
+    graph = final.graph_module
+    cat = next(n for n in graph.graph.nodes if n.target == torch.ops.aten.cat.default)
+    scales = {float(graph.get_submodule(n.target).scale) for n in [*cat.args[0], *cat.users]
+              if n.op == "call_module"}
+    assert (len(scales) == 1) == keep_shared, scales

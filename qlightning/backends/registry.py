@@ -33,6 +33,9 @@ class Backend:
     # Whether PyTorch's int8 kernels (``engine``) run this layout; if not, FX converts through PT2E.
     torch_int8_kernels: bool = True
     description: str = ""
+    # The runtime's concat needs one scale on its inputs and output (LiteRT's CONCATENATION): the ReLU
+    # merge then leaves clamps whose input quantizer the concat shares.
+    same_scale_concat: bool = False
     # FX traces nn.SiLU as x * sigmoid(x), so the runtime's integer sigmoid and mul kernels run it.
     fx_silu_as_sigmoid_mul: bool = False
     # pip extra bringing the modules its quantizer needs (checked when a callback is constructed)

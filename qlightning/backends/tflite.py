@@ -149,6 +149,7 @@ register_backend(
         fx_backend_config=tflite_fx_backend_config,
         pt2e_quantizer=litert_quantizer,
         shared_split_qparams=True,
+        same_scale_concat=True,
         description="LiteRT (TFLite) int8 through litert-torch's PT2E quantizer and converter",
         extra="tflite",
         # The FX BackendConfig needs only torch.ao; the PT2E quantizer is litert-torch's own.

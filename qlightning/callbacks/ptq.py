@@ -274,6 +274,7 @@ class PostTrainingQuantization(Callback):
             self.finalized_network = self._impl.finalize(
                 observed, self._example, fold_bn=False, merge_relu=self.merge_relu,
                 share_split=self.backend.shared_split_qparams,
+                keep_shared_quantizers=self.backend.same_scale_concat,
                 check_inputs=pass_check_inputs(self._trainer, self.batch_to_inputs),
             )
             self._finish(self._impl.convert(self.finalized_network, self.backend))

@@ -276,7 +276,8 @@ class QuantizationAwareTraining(Callback):
         self._resume_observation()  # fit may end without a train stage (max_epochs already reached)
         self.finalized_network = self._impl.finalize(
             self._prepared, self._example, fold_bn=self.fold_bn, merge_relu=self.merge_relu,
-            share_split=self.backend.shared_split_qparams, check_inputs=pass_check_inputs(trainer),
+            share_split=self.backend.shared_split_qparams,
+            keep_shared_quantizers=self.backend.same_scale_concat, check_inputs=pass_check_inputs(trainer),
         )
         self.quantized_model = self._impl.convert(self.finalized_network, self.backend)
         self.exported = export_formats(trainer, self.finalized_network, self._example, self.export, self.export_dir,

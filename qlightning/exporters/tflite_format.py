@@ -11,6 +11,7 @@ quantized with the input tensor's qparams and the outputs dequantized, as an app
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -25,6 +26,44 @@ _COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED",
 _WEIGHTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED"}
 
 
+_MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+
+
+def outer_product_matmuls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` (same parameters, a new graph) with every matmul whose contracted dimension is 1 written
+    as the broadcast multiply it is: ``(..., M, 1) @ (..., 1, N) == (..., M, 1) * (..., 1, N)``, the same
+    product of the same two numbers (exact), and matmul broadcasts batch dimensions as ``mul`` does.
+
+    LiteRT's converter (litert-torch 0.10) breaks such a matmul: at batch 1 it makes the right operand a
+    2-D ``tfl.batch_matmul`` input, and tfl-optimize's FuseReshapesAroundBatchMatMulLHS then folds the
+    following view into the matmul, leaving a rank-3 operand with a rank-4 result, which its verifier
+    rejects ("'tfl.batch_matmul' op found invalid output rank, expected 3 but got 4"). timm's
+    efficientvit_m0 at 32x32 input reaches one token (H = W = 1) in its last two stages, where
+    ``v @ attn.transpose(-2, -1)`` contracts over that one token. The float model converts (no
+    quantize op after the view there); the quantized one failed in QAT and PTQ alike."""
+    graph = copy.deepcopy(gm.graph)
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _MATMULS:
+            continue
+        a, b = node.args[:2]
+        va = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+        vb = b.meta.get("val") if isinstance(b, torch.fx.Node) else None
+        if va is None or vb is None or va.dim() < 2 or vb.dim() < 2 or va.shape[-1] != 1:
+            continue
+        with graph.inserting_before(node):
+            mul = graph.call_function(torch.ops.aten.mul.Tensor, (a, b))
+        mul.meta = dict(node.meta)
+        node.replace_all_uses_with(mul)
+        graph.erase_node(node)
+        changed = True
+    if not changed:
+        return gm
+    rewritten = torch.fx.GraphModule(gm, graph)
+    rewritten.meta.update(gm.meta)
+    return rewritten
+
+
 def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
     import litert_torch
 
@@ -37,7 +76,8 @@ def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None
     # (qdq_conversion_mode="STATIC"), so it fuses them into int8 kernels instead of keeping
     # QUANTIZE / DEQUANTIZE around float ops. The quantizer itself is not run again.
     static = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config()))
-    edge = litert_torch.convert(converted.graph_module, tuple(x.cpu() for x in example_inputs), quant_config=static)
+    graph_module = outer_product_matmuls(converted.graph_module)
+    edge = litert_torch.convert(graph_module, tuple(x.cpu() for x in example_inputs), quant_config=static)
     edge.export(str(path))
 
 

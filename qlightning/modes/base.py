@@ -86,13 +86,16 @@ class QuantMode(ABC):
         return unobserved_quantizers(prepared)
 
     def finalize(self, prepared: nn.Module, example_inputs: tuple, *, fold_bn: bool = True,
-                 merge_relu: bool = True, share_split: bool = False, check_inputs: tuple | None = None) -> nn.Module:
+                 merge_relu: bool = True, share_split: bool = False, check_inputs: tuple | None = None,
+                 keep_shared_quantizers: bool = False) -> nn.Module:
         """A copy of a trained/calibrated network, observers frozen, with the deployment passes
         applied: BatchNorm folded and ReLU/clamp merged into qparams. Exporters and ``convert``
         start from it; ``prepared`` itself stays trainable. ``check_inputs`` (real data; default: the
         example inputs) are what the ReLU/clamp merge is verified on: ``example_input_array`` is often
         random, and on random images a correct merge measured 1.7 dB worse against float while real
-        validation images measured it better (googlenet, issue 17)."""
+        validation images measured it better (googlenet, issue 17). ``keep_shared_quantizers``: the
+        merge leaves a clamp whose input quantizer is shared by several ops (a backend whose concat
+        needs one scale on its inputs and output: :attr:`Backend.same_scale_concat`)."""
         unobserved = self.unobserved_on_the_forward_path(prepared)
         if unobserved:
             raise QuantizationConfigError(
@@ -122,7 +125,7 @@ class QuantMode(ABC):
 
                 checks = example_inputs if check_inputs is None else tuple(
                     x.cpu() if isinstance(x, torch.Tensor) else x for x in check_inputs)
-                merge_relu_clamp(graph, checks)
+                merge_relu_clamp(graph, checks, keep_shared=keep_shared_quantizers)
         if share_split and self.graph_of(model) is not None:
             from qlightning.passes.share_split import share_split_qparams
 

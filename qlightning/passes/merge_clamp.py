@@ -128,7 +128,7 @@ def restore(gm: fx.GraphModule, backup: fx.GraphModule) -> None:
 
 
 def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
-                     max_noise_growth_db: float = 3.0) -> int:
+                     max_noise_growth_db: float = 3.0, keep_shared: bool = False) -> int:
     """Merge clamps into the qparams of the following quantizer, in place; returns how many.
 
     Run it after training/calibration (observers frozen). With ``example_inputs`` the model's error
@@ -143,8 +143,19 @@ def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
     after directly instead (a fixed SQNR floor) refused correct merges on deep networks, whose
     outputs differ by the whole network's quantization noise after any requantization (26-28 dB
     on mobilenet_v2 and googlenet, issue 17).
+
+    ``keep_shared``: leave ``op -> quantizer_a -> clamp`` alone where ``quantizer_a`` is one module called
+    at several nodes (a shared qspec: ``cat`` shares its output's quantizer with its inputs). Merging
+    gives the op's output quantizer_b' while its inputs keep quantizer_a, and a backend whose kernels
+    need one scale on both sides refuses the file (LiteRT: "'tfl.concatenation' op quantization
+    parameters violate the same scale constraint", efficientvit_m0's cat -> ReLU -> conv).
     """
     backup = copy.deepcopy(gm) if example_inputs is not None else None
+    calls: dict[int, int] = {}  # PT2E shares a quantizer module under several names: count by module
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            key = id(gm.get_submodule(node.target))
+            calls[key] = calls.get(key, 0) + 1
     before = _run_as_quantized(gm, example_inputs) if example_inputs is not None else None
     float_out = run(float_twin(gm), example_inputs) if example_inputs is not None else None
     merged = 0
@@ -160,6 +171,10 @@ def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
         if quantizer_node(gm, source) and single_user(source) is clamp:
             quantizer_a = gm.get_submodule(source.target)
             if not (_mergeable(quantizer_a) and _mergeable(quantizer_b)):
+                continue
+            if keep_shared and calls.get(id(quantizer_a), 0) > 1:
+                log.info("merge_relu_clamp: %s is shared by %d nodes; %s kept", source.target,
+                         calls[id(quantizer_a)], clamp.name)
                 continue
             # The clamp's output range from quantizer_b's own statistics: the same as quantizer_a's where
             # the backend shares one observer across the clamp (then it is narrowed), already within the
