@@ -59,12 +59,28 @@ def _litert_pt2e_quantizer_class():
     convs' int32 bias at the dropped scale (bias off by 1.18-1.32x). Each cat gets a source entry
     of its own, and cat is annotated before the pools that share their input's qparams (max_pool2d /
     adaptive_avg_pool2d annotate only an already annotated input), so cat -> max_pool -> conv share one
-    scale and need no requantize. Only cat nodes without a ``source_fn_stack`` are touched."""
+    scale and need no requantize. Only cat nodes without a ``source_fn_stack`` are touched.
+
+    Adds likewise: litert finds them with ``get_source_partitions(graph, [operator.add, torch.add,
+    operator.iadd])``, and the ``torch_fn`` fallback names them ``"add"``, so no add was annotated. The
+    converter still made an int8 ADD where both inputs and the output happened to be observed by
+    neighbouring ops, but an add feeding an add has no observer between them: mobilenet_v2 ran 9 of its
+    10 residual adds as DEQUANTIZE -> float ADD -> QUANTIZE. Float tensor adds without a source get
+    ``operator.add`` (what strict export records for ``x + y``); integer adds (BatchNorm's
+    ``num_batches_tracked`` under QAT) are left alone."""
+    import operator
+
     import torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
 
     static_ops = [op for op in PT2EQuantizer.STATIC_OPS if op != "cat"]
     static_ops.insert(static_ops.index("adaptive_avg_pool2d"), "cat")
+
+    _TENSOR_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+
+    def _is_float(node):
+        val = node.meta.get("val")
+        return isinstance(val, torch.Tensor) and val.is_floating_point()
 
     class LiteRtPT2EQuantizer(PT2EQuantizer):
         STATIC_OPS = static_ops
@@ -72,9 +88,12 @@ def _litert_pt2e_quantizer_class():
         def transform_for_annotation(self, model):
             model = super().transform_for_annotation(model)
             for node in model.graph.nodes:
-                if (node.op == "call_function" and node.target == torch.ops.aten.cat.default
-                        and not node.meta.get("source_fn_stack")):
+                if node.op != "call_function" or node.meta.get("source_fn_stack"):
+                    continue
+                if node.target == torch.ops.aten.cat.default:
                     node.meta["source_fn_stack"] = [(node.name, torch.cat)]
+                elif node.target in _TENSOR_ADDS and _is_float(node):
+                    node.meta["source_fn_stack"] = [(node.name, operator.add)]
             return model
 
     return LiteRtPT2EQuantizer
