@@ -451,7 +451,29 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"{_fmt(r.get('int8_over_fp32'), 2)} | {_fmt(r.get('int8_over_quantize_static'), 2)} | "
             f"{note.replace('|', '/')[:200]} |"
         )
+    lines += ["", "## How to read it", ""] + [f"- {note}" for note in READING_NOTES]
     return "\n".join(lines) + "\n"
+
+
+READING_NOTES = (
+    "The goals (issue 17): at least 95 % of the pt2e and fx cells that are not refused pass; QAT int8 accuracy "
+    "in the runtime within 1 point of float; ORT int8 latency at most ORT's own `quantize_static` for the "
+    "`onnxruntime` backend on CNNs. `python scripts/zoo.py` prints the goals a table misses.",
+    "Refused cells are refused before training, with the reason and the way out in the note: FX cannot trace "
+    "efficientvit's shape-dependent Python; eager mode captures only networks written for it (torchvision's "
+    "quantizable variants), and refuses nn.MultiheadAttention.",
+    "`pt2e/x86 -> onnx` is made for PyTorch's x86 int8 kernels (torchao's X86InductorQuantizer leaves conv "
+    "outputs float); ONNX Runtime runs it, but slower than its own quantize_static: for ORT pick the "
+    "`onnxruntime` backend.",
+    "Accuracy differences of a point or less are within what 1000 test images resolve (10 images). Networks "
+    "trained for 3 short epochs gain several points from 40 more QAT steps; that is training, not quantization.",
+    "The small ViT (85 k parameters) is 0.57-0.71 of its fp32 file although its weights are int8: its ONNX "
+    "nodes' module names weigh as much as the weights; x86 also leaves MultiheadAttention's out_proj float.",
+    "Latencies are re-measured after the run, one cell at a time in a quiet process (`--remeasure-latency`), "
+    "since cells timed beside another cell swung 0.85-1.02 for the same files. Ratios within a few percent of "
+    "1.00 are parity: the optimized ORT graphs of resnet18, efficientnet_b0 and regnet are op-for-op those of "
+    "quantize_static.",
+)
 
 
 def goal_misses(results: list[dict], max_qat_drop: float = 1.0) -> list[str]:
