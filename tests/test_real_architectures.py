@@ -282,3 +282,30 @@ def test_vit_qat_with_the_default_model_summary(mode, backend, tmp_path):
     assert callback.quantized_model is not None
     if export:
         assert callback.exported["onnx"]["noise_growth_db"] <= 3.0
+
+
+class ChannelShuffle(nn.Module):
+    """shufflenet's channel shuffle: view, transpose, ``.contiguous()``, view."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+def test_onnxruntime_backend_keeps_one_scale_through_contiguous():
+    """A copy moves no values: with its own quantizer, QAT gave the copy a scale of its own (fake-quantized
+    input, other min/max), and ORT ran shufflenet's 16 channel shuffles as DQ -> Transpose -> Q."""
+    backend, recipe = _recipe("pt2e", backend="onnxruntime")
+    impl = get_mode("pt2e")
+    prepared = impl.prepare_qat(ChannelShuffle(), (torch.randn(2, 3, 8, 8),), recipe, backend)
+    gm = prepared.graph_module
+    copy_node = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.contiguous.default)
+    before, after = copy_node.args[0], next(iter(copy_node.users))
+    assert before.op == after.op == "call_module"
+    assert gm.get_submodule(before.target) is gm.get_submodule(after.target)

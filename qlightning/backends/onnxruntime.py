@@ -38,7 +38,7 @@ _ADD = {aten.add.Tensor, aten.add_.Tensor}
 _SHARE_INPUT = {aten.max_pool2d.default, aten.max_pool1d.default, aten.flatten.using_ints, aten.reshape.default,
                 aten.view.default, aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default,
                 aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten.permute.default,
-                aten.transpose.int, aten.mean.dim}
+                aten.transpose.int, aten.mean.dim, aten.contiguous.default, aten.clone.default}
 _SILU = {aten.silu.default, aten.silu_.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
 
