@@ -78,6 +78,47 @@ def test_logged_scales_are_the_real_scales_and_stop_changing_once_frozen(mode, d
     assert image.height >= len(names) * 12 and image.width == 2 * 12  # one row per quantizer, one column per epoch
 
 
+@pytest.mark.parametrize("mode", ["fx", "pt2e"])
+def test_tensorboard_dashboards_show_every_quantizer_as_the_ui_reads_them(mode, digits, tmp_path):
+    """Read through TensorBoard's own data provider, plugin by plugin, as its UI does (EventAccumulator keeps
+    tags the UI drops): with the histogram under the scalar's tag, the Histograms and Distributions
+    dashboards said "No histogram data was found" (issue 18)."""
+    import re
+
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata as custom_scalar_metadata
+
+    qat = QuantizationAwareTraining(mode)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    L.Trainer(**trainer_kwargs(callbacks=[qat, QParamMonitor(log_every_n_steps=2)], logger=logger,
+                               limit_train_batches=4)).fit(ImageClassifier(SmallCNN()), digits)
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    ctx, run = context.RequestContext(), "run/version_0"
+    scalars = provider.list_scalars(ctx, experiment_id="", plugin_name="scalars")[run]
+    histograms = provider.list_tensors(ctx, experiment_id="", plugin_name="histograms")[run]
+    images = provider.list_blob_sequences(ctx, experiment_id="", plugin_name="images")[run]
+
+    names = {t.split("/")[1] for t in scalars if t.startswith("qparams/")}
+    assert {"input", "conv1.weight", "conv2.weight", "fc1.weight"} <= names, names
+    for name in names:
+        assert {f"qparams/{name}/scale", f"qparams/{name}/zero_point"} <= set(scalars)
+    per_channel = {t.split("/")[1] for t in histograms}
+    assert {n for n in names if n.endswith(".weight")} <= per_channel  # per-channel weights, in the UI
+    assert all(t.startswith("qparams_per_channel/") for t in histograms)
+    assert {"quant/observers_frozen", "quant/bn_frozen"} <= set(scalars) and "quant/drift_per_layer" in images
+    # Custom Scalars: every chart of the layout matches a scalar the Scalars plugin has.
+    config = provider.read_tensors(ctx, experiment_id="", plugin_name=custom_scalar_metadata.PLUGIN_NAME,
+                                   downsample=1, run_tag_filter=None)
+    layout = layout_pb2.Layout.FromString(next(iter(config.values()))[custom_scalar_metadata.CONFIG_SUMMARY_TAG][0].numpy.item())
+    charts = [chart for category in layout.category for chart in category.chart]
+    assert charts and all(any(re.search(regex, tag) for regex in chart.multiline.tag for tag in scalars)
+                          for chart in charts)
+
+
 def test_scalars_reach_any_logger(digits, tmp_path):
     qat = QuantizationAwareTraining("fx")
     logger = CSVLogger(tmp_path)

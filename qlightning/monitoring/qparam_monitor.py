@@ -15,6 +15,8 @@ from qlightning.errors import QuantizationConfigError
 from qlightning.monitoring.names import quantizer_names
 
 DRIFT_IMAGE_TAG = "quant/drift_per_layer"
+# Per-channel scales and zero points as histograms: qparams_per_channel/<name>/scale (and /zero_point).
+PER_CHANNEL_PREFIX = "qparams_per_channel"
 
 
 def _positive_int(name: str, value) -> None:
@@ -26,8 +28,9 @@ class QParamMonitor(Callback):
     """Logs, every ``log_every_n_steps`` training steps, for every quantizer of the network that a
     :class:`~qlightning.QuantizationAwareTraining` callback in the same Trainer prepared:
 
-    - ``qparams/<name>/scale`` and ``qparams/<name>/zero_point`` (per-channel: the mean, plus a
-      histogram when ``histograms`` and the logger is TensorBoard);
+    - ``qparams/<name>/scale`` and ``qparams/<name>/zero_point`` (per-channel: the mean, plus the
+      values as a histogram ``qparams_per_channel/<name>/scale`` / ``.../zero_point`` when
+      ``histograms`` and the logger is TensorBoard);
     - ``qparams_drift/<name>/scale``: relative change of the scale since the previous log
       (``||s - s_prev|| / ||s_prev||``);
     - each epoch, ``quant/observers_frozen`` and ``quant/bn_frozen`` (0/1); with TensorBoard also a
@@ -109,8 +112,10 @@ class QParamMonitor(Callback):
             metrics[f"qparams/{name}/scale"] = scale.mean().item()
             metrics[f"qparams/{name}/zero_point"] = zero_point.mean().item()
             if scale.numel() > 1:
-                histograms[f"qparams/{name}/scale"] = scale
-                histograms[f"qparams/{name}/zero_point"] = zero_point
+                # A tag of its own: TensorBoard (2.21) keeps one plugin per tag, so a histogram written under
+                # the scalar's tag never reached the Histograms / Distributions dashboards (issue 18).
+                histograms[f"{PER_CHANNEL_PREFIX}/{name}/scale"] = scale
+                histograms[f"{PER_CHANNEL_PREFIX}/{name}/zero_point"] = zero_point
             previous = self._previous.get(name)
             if previous is not None and previous.shape == scale.shape:
                 drift = (scale - previous).norm().item() / max(previous.norm().item(), 1e-12)
