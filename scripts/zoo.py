@@ -35,18 +35,23 @@ def _cell_main(args) -> int:
     config = ZooConfig(**json.loads(args.config))
     mode, backend, fmt = args.cell[2:5]
     result = run_cell(args.cell[0], args.cell[1], Target(mode, backend, fmt), config,
-                      Path(args.workdir) / "cells" / "-".join(args.cell), Path(args.workdir) / "float")
+                      Path(args.workdir) / "cells" / _cell_name(args.cell), Path(args.workdir) / "float")
     Path(args.out).write_text(json.dumps(jsonable(result)))
     return 0
 
 
-def _cell_name(result: dict) -> str:
-    return f"{result['model']}-{result['method']}-{result['mode']}-{result['backend']}-{result['format']}"
+def _cell_key(result: dict) -> tuple:
+    return result["model"], result["method"], result["mode"], result["backend"], result["format"]
+
+
+def _cell_name(key) -> str:
+    """The cell's folder and result-file name: model-method-mode-backend-format."""
+    return "-".join(key)
 
 
 def _run_in_subprocess(cell: tuple, args, config_json: str) -> dict:
     model, method, target = cell
-    out = Path(args.workdir) / "results" / f"{model}-{method}-{target.mode}-{target.backend}-{target.format}.json"
+    out = Path(args.workdir) / "results" / f"{_cell_name((model, method, target.mode, target.backend, target.format))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log")
     command = [sys.executable, __file__, "--cell", model, method, target.mode, target.backend, target.format,
@@ -106,11 +111,15 @@ def main(argv=None) -> int:
 
     config = ZooConfig(**json.loads(args.config))
     output = Path(args.output)
+    models = args.models or MODELS.names()
+    targets = [t for t in TARGETS if not args.targets or t.name in args.targets]
+    methods = [m for m in METHODS if m in args.methods]
+    selected = {(m, method, t.mode, t.backend, t.format) for m in models for method in methods for t in targets}
     if args.remeasure_size:
         from qlightning.zoo import remeasure_onnx_size
 
         data = json.loads(output.with_suffix(".json").read_text())
-        results = [remeasure_onnx_size(r, Path(args.workdir) / "cells" / _cell_name(r)) for r in data["results"]]
+        results = [remeasure_onnx_size(r, Path(args.workdir) / "cells" / _cell_name(_cell_key(r))) for r in data["results"]]
         _write(results, config, output, write_json, write_text, markdown, torch, torchao)
         return 0
     if args.remeasure_latency:
@@ -119,12 +128,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(2)
         data = json.loads(output.with_suffix(".json").read_text())
         results = []
-        chosen = [t.name for t in TARGETS if not args.targets or t.name in args.targets]
         for r in data["results"]:
-            picked = ((not args.models or r["model"] in args.models) and r["method"] in args.methods
-                      and f"{r['mode']}/{r['backend']}->{r['format']}" in chosen)
-            if picked and r["status"] == "ok" and r["format"] == "onnx" and "latency_ms" in r:
-                cell = _cell_name(r)
+            if _cell_key(r) in selected and r["status"] == "ok" and r["format"] == "onnx" and "latency_ms" in r:
+                cell = _cell_name(_cell_key(r))
                 r = remeasure_latency(r, Path(args.workdir) / "cells" / cell)
                 print(f"{cell}: int8/quantize_static {r['int8_over_quantize_static']:.2f}", flush=True)
             results.append(r)
@@ -132,16 +138,11 @@ def main(argv=None) -> int:
         misses = goal_misses(results)
         print("\n".join(["goals missed:"] + misses) if misses else "all goals met")
         return 0
-    models = args.models or MODELS.names()
-    targets = [t for t in TARGETS if not args.targets or t.name in args.targets]
-    methods = [m for m in METHODS if m in args.methods]
-    selected = {(m, method, t.mode, t.backend, t.format) for m in models for method in methods for t in targets}
     previous = {}
     if (args.resume or args.update) and output.with_suffix(".json").is_file():
         for r in json.loads(output.with_suffix(".json").read_text())["results"]:
-            key = (r["model"], r["method"], r["mode"], r["backend"], r["format"])
-            if not (args.update and key in selected):
-                previous[key] = r
+            if not (args.update and _cell_key(r) in selected):
+                previous[_cell_key(r)] = r
 
     torch.set_num_threads(2)
     for name in models:  # float training first, in this process, so cells only load weights
