@@ -218,6 +218,9 @@ def export(
             "float_size_basis": "the same file with its 8-bit weights stored as fp32",
             "batch_size": batch_size if fmt.fixed_batch else "dynamic",
             "num_quantized_ops": quantized_ops,
+            # How the file stores its 8-bit weights, where the format says (ONNX: uint8 on x86 CPUs
+            # without VNNI, whose u8 x s8 kernels saturate: onnx_format.unsigned_weights).
+            **({"weight_dtype": implementation.weight_dtype(staged)} if hasattr(implementation, "weight_dtype") else {}),
             "num_float_ops": float_ops,
             **metrics,
             "check_batches": len(checks),

@@ -33,7 +33,7 @@ def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None
 
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".openvino-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        onnx_format.write(converted, example_inputs, onnx_path)
+        onnx_format.write_qdq(converted, example_inputs, onnx_path)
         model = ov.convert_model(str(onnx_path))
         # save_model names the .bin after the .xml; the exporter keeps staged names of its own.
         ov.save_model(model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
