@@ -8,7 +8,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qlightning import QParamMonitor, QuantizationAwareTraining, QuantizationConfigError
-from qlightning.models import ImageClassifier, SmallCNN
+from qlightning.models import GuideNet, ImageClassifier, SmallCNN
 from qlightning.monitoring.names import quantizer_names
 from qlightning.passes.exact_qparams import current_qparams
 from tests.conftest import trainer_kwargs
@@ -63,19 +63,34 @@ def test_logged_scales_are_the_real_scales_and_stop_changing_once_frozen(mode, d
         # Observers freeze when epoch 1 starts (after step 6): the curve is flat from there on ...
         frozen = [curve[s] for s in sorted(curve) if s > 6]
         assert len(set(frozen)) == 1, (name, frozen)
-        # ... and the drift, once it compares two frozen logs, is zero.
+        # ... and the drift compares frozen logs only: none at step 7 (its change since step 5 happened
+        # before the freeze), zero after.
         drift = {e.step: e.value for e in events.Scalars(f"qparams_drift/{name}/scale")}
-        assert sorted(drift) == [3, 5, 7, 9, 11] and drift[9] == drift[11] == 0
+        assert sorted(drift) == [3, 5, 9, 11] and drift[9] == drift[11] == 0
 
-    frozen_flags = [e.value for e in events.Scalars("quant/observers_frozen")]
-    assert frozen_flags == [0.0, 1.0]
-    assert [e.value for e in events.Scalars("quant/bn_frozen")] == [0.0, 1.0]
+    # The freeze flags step where freezing happened (batch 7, the first of epoch 1), and close each epoch.
+    for tag in ("quant/observers_frozen", "quant/bn_frozen"):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(1, 0.0), (6, 0.0), (7, 1.0), (12, 1.0)]
     # Per-channel weight scales also go in as histograms; the layout and the drift image exist.
     assert any(t.endswith("weight/scale") for t in tags["histograms"])
     assert "custom_scalars__config__" in tags["tensors"]
     assert "quant/drift_per_layer" in tags["images"]
-    image = events.Images("quant/drift_per_layer")[-1]
-    assert image.height >= len(names) * 12 and image.width == 2 * 12  # one row per quantizer, one column per epoch
+    assert len(events.Images("quant/drift_per_layer")) == 2  # one per epoch
+
+
+@pytest.mark.parametrize("mode", ["eager", "fx", "pt2e"])
+def test_drift_image_rows_are_the_quantizers_in_network_order_and_the_frozen_epoch_is_dark(mode, digits):
+    qat = QuantizationAwareTraining(mode, freeze_observers_epoch=1)
+    monitor = QParamMonitor(log_every_n_steps=2)
+    L.Trainer(**trainer_kwargs(callbacks=[qat, monitor], max_epochs=2, limit_train_batches=6)).fit(
+        ImageClassifier(SmallCNN()), digits)
+    names = list(monitor._quantizers())
+    assert names[:3] == ["input", "conv1.weight", "conv1.output"] and names.index("conv2.output") < names.index("fc1.weight")
+    # Drift after the freeze compares frozen logs only (the first log of epoch 1 once covered the last
+    # step of epoch 0, painting the frozen epoch as drifting).
+    assert all(value == 0.0 for value in monitor._drift_rows[1].values()) and monitor._drift_rows[1]
+    image = monitor._drift_image()
+    assert image.ndim == 3 and image.shape[2] == 3 and image.shape[0] > 26 * len(names)  # labelled rows
 
 
 @pytest.mark.parametrize("mode", ["fx", "pt2e"])
@@ -117,6 +132,35 @@ def test_tensorboard_dashboards_show_every_quantizer_as_the_ui_reads_them(mode, 
     charts = [chart for category in layout.category for chart in category.chart]
     assert charts and all(any(re.search(regex, tag) for regex in chart.multiline.tag for tag in scalars)
                           for chart in charts)
+
+
+@pytest.mark.parametrize("network", [SmallCNN, GuideNet])
+def test_an_activation_has_one_name_in_every_mode(network):
+    """A mode sweep overlays per layer: PT2E's quantizer after relu(bn(conv1(x))) was `relu1.output`
+    where eager and FX (which fuse the three into conv1) said `conv1.output` (issue 18)."""
+    from qlightning.callbacks.config import build_recipe
+    from qlightning.modes.registry import get_mode
+
+    x = torch.randn(2, 1, 8, 8) if network is SmallCNN else torch.randn(2, 1, 28, 28)
+    per_mode = {}
+    for mode in ("eager", "fx", "pt2e"):
+        backend, recipe = build_recipe(mode, "x86", "minmax", "per_channel_symmetric", "per_tensor_affine")
+        implementation = get_mode(mode)
+        prepared = implementation.prepare_qat(network(), (x,), recipe, backend)
+        pairs = implementation.quantizers(prepared)
+        per_mode[mode] = set(quantizer_names(prepared, pairs).values())
+    expected = {"input", "conv1.output", "conv2.output", "fc1.output"} | {f"{l}.weight" for l in ("conv1", "conv2", "fc1", "fc2")}
+    for mode, names in per_mode.items():
+        assert expected <= names, (mode, names)
+        assert not any(n.startswith("relu") for n in names), (mode, names)
+
+
+def test_the_default_interval_gives_a_readable_curve():
+    from qlightning.monitoring.qparam_monitor import auto_interval
+
+    assert auto_interval(69) == 1  # the default job's QAT phase: one point per step
+    assert auto_interval(1000) == 10 and auto_interval(10**6) == 50  # about 100 points, at least every 50 steps
+    assert auto_interval(float("inf")) == 50
 
 
 def test_scalars_reach_any_logger(digits, tmp_path):
