@@ -1,8 +1,5 @@
-"""Hydra configs: every file composes and instantiates, typos fail at compose time, sweeps get a report."""
+"""Hydra configs: every file composes and instantiates, typos fail at compose time (the sweep report: test_report.py)."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,6 @@ from omegaconf import OmegaConf
 
 import qlightning.jobs  # noqa: F401  (registers the structured quant schemas)
 from qlightning import PostTrainingQuantization, QuantizationAwareTraining
-from qlightning.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -81,38 +77,3 @@ def test_a_typo_fails_at_compose_time_naming_the_valid_values(override, message)
         _compose("train", override)
     text = f"{raised.value} {raised.value.__cause__}"
     assert __import__("re").search(message, text), text
-
-
-def test_report_from_run_summaries(tmp_path):
-    for run, (mode, acc) in enumerate([("fx", 97.5), ("pt2e", 98.0)]):
-        (tmp_path / str(run) / ".hydra").mkdir(parents=True)
-        (tmp_path / str(run) / ".hydra" / "overrides.yaml").write_text(f"- quant.mode={mode}\n")
-        summary = {"mode": mode, "observer": "minmax", "int8_acc": acc, "int8_size_bytes": 1000 + run,
-                   "int8_latency_ms": 0.5 + run, "exported": {"onnx": "x"}}
-        (tmp_path / str(run) / "summary.json").write_text(json.dumps(summary))
-    paths = write_report(tmp_path)
-    text = paths["md"].read_text()
-    assert "quant.mode=fx" in text and "quant.mode=pt2e" in text and "Best int8 accuracy: run 1" in text
-    assert paths["csv"].read_text().count("\n") == 3 and paths["png"].read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(FileNotFoundError, match=r"no run with a summary.json under .*: nothing to report"):
-        write_report(tmp_path / "empty")
-
-
-def test_a_2x2_sweep_writes_a_report_listing_every_run(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "quant.mode=fx,pt2e",
-         "quant.observer=minmax,histogram", "float_epochs=1", "quant.epochs=1", "+trainer.limit_train_batches=3",
-         "+trainer.limit_val_batches=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = (tmp_path / "sweep" / "report.md").read_text()
-    for mode in ("fx", "pt2e"):
-        for observer in ("minmax", "histogram"):
-            assert f"quant.mode={mode} quant.observer={observer}" in report
-    assert (tmp_path / "sweep" / "report.png").is_file()
-    rows = (tmp_path / "sweep" / "report.csv").read_text().splitlines()
-    assert len(rows) == 5 and "onnx_int8_acc" in rows[0]
-    # Each run also left its TensorBoard curves and its ONNX model.
-    assert list((tmp_path / "sweep" / "0" / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "sweep" / "0" / "quantized" / "net.onnx").is_file()
