@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,17 +28,24 @@ def ort_session(path: Path, threads: int = 2):
 
 
 def interleaved_latency_ms(sessions: dict, x, warmup: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Per session: the median and the interquartile spread of ``rounds`` runs on ``x`` (numpy),
-    the sessions taking turns within every round so that load changes hit all of them alike."""
+    """Per ONNX Runtime session: the median and the interquartile spread of ``rounds`` runs on ``x``
+    (numpy), the sessions taking turns within every round so that load changes hit all of them alike."""
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    calls = {k: (lambda s=s, feed=feeds[k]: s.run(None, feed)) for k, s in sessions.items()}
+    return interleaved_calls_ms(calls, warmup, rounds)
+
+
+def interleaved_calls_ms(calls: dict[str, Callable[[], object]], warmup: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Per zero-argument call: median and interquartile range (ms) of ``rounds`` timed calls after
+    ``warmup`` untimed ones, the calls taking turns within every round."""
     for _ in range(warmup):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-    times = {k: [] for k in sessions}
+        for call in calls.values():
+            call()
+    times = {k: [] for k in calls}
     for _ in range(rounds):
-        for k, s in sessions.items():
+        for k, call in calls.items():
             start = time.perf_counter()
-            s.run(None, feeds[k])
+            call()
             times[k].append(1000 * (time.perf_counter() - start))
     result = {}
     for k, v in times.items():

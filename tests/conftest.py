@@ -27,6 +27,15 @@ def trainer_kwargs(**overrides):
     return kwargs
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _float_baseline_cache(tmp_path_factory):
+    # The jobs cache float baselines (conf/paths: cache_dir); a cache left by an older checkout must not
+    # stand in for training in a test run. Subprocesses (the scripts) inherit the variable.
+    import os
+
+    os.environ["QLIGHTNING_CACHE_DIR"] = str(tmp_path_factory.mktemp("float_baseline_cache"))
+
+
 @pytest.fixture(scope="session")
 def digits():
     dm = DigitsDataModule(batch_size=32)

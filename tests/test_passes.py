@@ -129,7 +129,7 @@ def test_fold_bn_folds_linear_bn():
 def test_fold_bn_with_nothing_to_do_logs_and_changes_nothing(caplog):
     _, _, prepared = _trained("fx", nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
     code = prepared.code
-    with caplog.at_level(logging.INFO, logger="qlightning.passes.fold_qat_bn"):
+    with caplog.at_level(logging.DEBUG, logger="qlightning.passes.fold_qat_bn"):
         assert fold_bn(prepared, _inputs()) == 0
     assert "fold_bn: no QAT conv-bn / linear-bn module to fold; model unchanged" in caplog.text
     assert prepared.code == code
@@ -342,7 +342,7 @@ def test_unshare_leaves_the_original_config_alone():
 
 def test_merge_relu_clamp_with_nothing_to_do_logs(caplog):
     _, _, prepared = _trained("pt2e", SmallCNN(), observer="minmax", ptq=True)
-    with caplog.at_level(logging.INFO, logger="qlightning.passes.merge_clamp"):
+    with caplog.at_level(logging.DEBUG, logger="qlightning.passes.merge_clamp"):
         assert merge_relu_clamp(prepared.graph_module, _inputs()) == 0
     assert "no clamp followed by a quantizer to merge; model unchanged" in caplog.text
 

@@ -81,5 +81,7 @@ def export_formats(trainer: Trainer, network, example_inputs, formats, export_di
     for fmt in formats:
         path = directory / f"{name}{get_format(fmt).suffix}"
         reports[fmt] = export(network, example_inputs, fmt, path, check_inputs=checks, backend=backend)
-        rank_zero_info(f"qlightning: exported {path} (SQNR {reports[fmt]['sqnr_db']} dB vs the torch model)")
+        sqnr = reports[fmt]["sqnr_db"]
+        rank_zero_info(f"qlightning: exported {path} (SQNR {sqnr if isinstance(sqnr, str) else f'{sqnr:.1f}'} dB "
+                       "against the torch fake-quant model)")
     return reports

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from qlightning.callbacks.config import build_recipe, check_epoch, check_flag, check_modules_to_fuse
@@ -209,6 +209,17 @@ class QuantizationAwareTraining(Callback):
             )
         for state in states:
             self._check_config_matches(state, f"checkpoint {ckpt_path}")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A schedule past the run's end silently does nothing (an Optuna search sampled
+        # freeze_observers_epoch=3 for a 3-epoch run, issue 18): say so before training.
+        last_epoch = trainer.max_epochs - 1 if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        for name, epoch in (("freeze_observers_epoch", self.freeze_observers_epoch), ("freeze_bn_epoch", self.freeze_bn_epoch)):
+            if epoch is not None and last_epoch is not None and epoch > last_epoch and trainer.current_epoch <= last_epoch:
+                rank_zero_warn(
+                    f"{name}={epoch} but this fit ends after epoch {last_epoch} (max_epochs={trainer.max_epochs}): "
+                    f"it never applies; use an epoch from 0 to {last_epoch}, or None"
+                )
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch

@@ -239,5 +239,5 @@ def export(
             publish(companion, path.with_suffix(suffix))  # first: whoever sees the main file finds its parts
         publish(staged, path)
     write_json(report_path(path), report)
-    log.info("qlightning: exported %s (%d bytes, SQNR %s dB)", path, report["size_bytes"], report["sqnr_db"])
+    log.debug("qlightning: exported %s (%d bytes, SQNR %s dB)", path, report["size_bytes"], report["sqnr_db"])
     return report

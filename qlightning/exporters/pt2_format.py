@@ -19,12 +19,20 @@ def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None
         torch.export.save(program, f)
 
 
+def _load(path: Path):
+    # An open file, not the path: the exporter verifies a staged file whose name ends in ``.tmp``, and
+    # torch 2.14.1's ``torch.export.load`` warns "Unable to load package" for any path not ending in
+    # ``.pt2`` (a buffer is accepted quietly).
+    with open(path, "rb") as f:
+        return torch.export.load(f)
+
+
 def runtime_version() -> str:
     return torch.__version__
 
 
 def run(path: Path, inputs: tuple) -> np.ndarray:
-    module = torch.export.load(str(path)).module()
+    module = _load(path).module()
     with torch.no_grad():
         out = module(*inputs)
     outputs = out if isinstance(out, (tuple, list)) else (out,)
@@ -32,7 +40,7 @@ def run(path: Path, inputs: tuple) -> np.ndarray:
 
 
 def op_counts(path: Path) -> tuple[int, int]:
-    program = torch.export.load(str(path))
+    program = _load(path)
     dequantized = set()
     quantized = floating = 0
     for node in program.graph.nodes:
@@ -51,7 +59,7 @@ def op_counts(path: Path) -> tuple[int, int]:
 
 
 def float_size_bytes(path: Path) -> int:
-    program = torch.export.load(str(path))
+    program = _load(path)
     extra = sum(3 * t.numel() for t in program.state_dict.values() if t.dtype in (torch.int8, torch.uint8))
     extra += sum(3 * t.numel() for t in program.constants.values()
                  if isinstance(t, torch.Tensor) and t.dtype in (torch.int8, torch.uint8))

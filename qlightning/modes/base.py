@@ -119,7 +119,7 @@ class QuantMode(ABC):
         if merge_relu:
             graph = self.graph_of(model)
             if graph is None:
-                log.info("merge_relu: mode=%s has no graph to rewrite (eager fuses conv/linear-relu itself)", self.name)
+                log.debug("merge_relu: mode=%s has no graph to rewrite (eager fuses conv/linear-relu itself)", self.name)
             else:
                 from qlightning.passes.merge_clamp import merge_relu_clamp
 

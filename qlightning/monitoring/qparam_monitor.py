@@ -101,6 +101,9 @@ class QParamMonitor(Callback):
             )
         self._qat = qats[0]
         self._named = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Here the train loader is loaded already: estimating the steps costs nothing and logs nothing.
         self._every = self.log_every_n_steps or auto_interval(trainer.estimated_stepping_batches)
 
     def _quantizers(self) -> dict[str, torch.nn.Module]:

@@ -73,7 +73,7 @@ def fold_bn(model: nn.Module, example_inputs: tuple | None = None, *, keep_weigh
     """
     targets = _fused_bn_modules(model)
     if not targets:
-        log.info("fold_bn: no QAT conv-bn / linear-bn module to fold; model unchanged")
+        log.debug("fold_bn: no QAT conv-bn / linear-bn module to fold; model unchanged")
         return 0
     before = None
     if example_inputs is not None:
@@ -92,7 +92,7 @@ def fold_bn(model: nn.Module, example_inputs: tuple | None = None, *, keep_weigh
             for parent, name, child in originals:
                 setattr(parent, name, child)
             raise
-    log.info("fold_bn: folded BatchNorm into %d modules", len(replacements))
+    log.debug("fold_bn: folded BatchNorm into %d modules", len(replacements))
     return len(replacements)
 
 

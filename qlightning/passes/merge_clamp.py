@@ -173,7 +173,7 @@ def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
             if not (_mergeable(quantizer_a) and _mergeable(quantizer_b)):
                 continue
             if keep_shared and calls.get(id(quantizer_a), 0) > 1:
-                log.info("merge_relu_clamp: %s is shared by %d nodes; %s kept", source.target,
+                log.debug("merge_relu_clamp: %s is shared by %d nodes; %s kept", source.target,
                          calls[id(quantizer_a)], clamp.name)
                 continue
             # The clamp's output range from quantizer_b's own statistics: the same as quantizer_a's where
@@ -203,7 +203,7 @@ def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
             erase(gm, clamp)
             merged += 1
     if not merged:
-        log.info("merge_relu_clamp: no clamp followed by a quantizer to merge; model unchanged")
+        log.debug("merge_relu_clamp: no clamp followed by a quantizer to merge; model unchanged")
         return 0
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -215,6 +215,6 @@ def merge_relu_clamp(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
         except Exception:
             restore(gm, backup)
             raise
-    log.info("merge_relu_clamp: merged %d clamps into their quantizers' qparams", merged)
+    log.debug("merge_relu_clamp: merged %d clamps into their quantizers' qparams", merged)
     return merged
 

@@ -122,7 +122,7 @@ def unscale_by_reciprocal(gm: fx.GraphModule) -> int:
         rewritten += 1
     if rewritten:
         gm.recompile()
-    log.info("unscale_by_reciprocal: rewrote %d conv-bn pair(s)", rewritten)
+    log.debug("unscale_by_reciprocal: rewrote %d conv-bn pair(s)", rewritten)
     return rewritten
 
 
@@ -173,5 +173,5 @@ def fold_qat_conv_bn(gm: fx.GraphModule) -> int:
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
-    log.info("fold_qat_conv_bn: folded %d conv-bn pair(s)", folded)
+    log.debug("fold_qat_conv_bn: folded %d conv-bn pair(s)", folded)
     return folded

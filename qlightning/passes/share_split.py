@@ -39,16 +39,16 @@ def share_split_qparams(gm: fx.GraphModule) -> int:
         if not children:
             continue
         if not quantizer_node(gm, parent):
-            log.info("share_split_qparams: %s has no quantized input; its children keep their own qparams", split)
+            log.debug("share_split_qparams: %s has no quantized input; its children keep their own qparams", split)
             continue
         for child in children:
             if child.target != parent.target:
                 child.target = parent.target
                 changed += 1
     if not changed:
-        log.info("share_split_qparams: every split already shares its input's qparams (or none exist)")
+        log.debug("share_split_qparams: every split already shares its input's qparams (or none exist)")
         return 0
     gm.delete_all_unused_submodules()
     gm.recompile()
-    log.info("share_split_qparams: %d split outputs now share their input's quantizer", changed)
+    log.debug("share_split_qparams: %d split outputs now share their input's quantizer", changed)
     return changed

@@ -137,5 +137,5 @@ def ao_to_pt2e(prepared: nn.Module, example_inputs: tuple) -> nn.Module:
             count += 1
     graph.graph.eliminate_dead_code()
     graph.recompile()
-    log.info("ao_to_pt2e: carried %d quantizers over to %d PT2E observer sites", len(quantizers), count)
+    log.debug("ao_to_pt2e: carried %d quantizers over to %d PT2E observer sites", len(quantizers), count)
     return ExportedNetwork(graph, inference_only=True)
