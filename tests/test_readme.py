@@ -60,4 +60,4 @@ def test_readme_default_job_command_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mode"] == "pt2e" and summary["int8_acc"] > 80
-    assert "int8_acc" in result.stdout
+    assert "qlightning summary: QAT" in result.stdout and "int8 ONNX" in result.stdout

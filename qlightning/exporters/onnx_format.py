@@ -37,7 +37,7 @@ _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
 
 def write_qdq(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
-    """The converted program as an ONNX QDQ file (also the OpenVINO exporter's first step)."""
+    """The converted program as an ONNX QDQ file, weights in int8."""
     import onnx
 
     from qlightning.modes.base import batch_of_two, dynamic_batch
