@@ -64,7 +64,7 @@ def train_journey3(run_dir: Path, max_epochs: int = 3) -> Path:
     qat = QuantizationAwareTraining(mode="pt2e", backend="onnxruntime", observer="moving_average_minmax",
                                     freeze_bn_epoch=2, freeze_observers_epoch=2)
     trainer = L.Trainer(max_epochs=max_epochs, logger=TensorBoardLogger(str(run_dir)), enable_checkpointing=False,
-                        callbacks=[qat, QParamMonitor(log_every_n_steps=5, auto_freeze=False)])
+                        callbacks=[qat, QParamMonitor()])
     trainer.fit(ImageClassifier(SmallCNN()), DigitsDataModule())
     return run_dir
 

@@ -176,6 +176,7 @@ def test_results_reach_the_loggers_and_the_quant_config_the_hparams_tab(tmp_path
     assert "hp_metric" not in events.Tags()["scalars"]
 
 
+@pytest.mark.slow  # several training runs (about a minute on 2 cores)
 def test_a_sweep_trains_its_float_baseline_once(tmp_path, capsys):
     overrides = ("float_epochs=1", "quant.epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
                  f"paths.cache_dir={tmp_path / 'cache'}")
@@ -199,6 +200,7 @@ def test_trainer_run_lengths_are_refused_with_the_keys_to_use(tmp_path):
             train(_cfg(override), tmp_path)
 
 
+@pytest.mark.slow  # several training runs (about a minute on 2 cores)
 def test_export_takes_the_quant_config_from_the_checkpoint_and_train_resumes_from_one(tmp_path):
     from qlightning.jobs import export_checkpoint
 

@@ -1,6 +1,7 @@
 """QParamMonitor: what lands in TensorBoard is the quantizers' real qparams, freezing shows, auto_freeze works."""
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -132,6 +133,19 @@ def test_tensorboard_dashboards_show_every_quantizer_as_the_ui_reads_them(mode, 
     charts = [chart for category in layout.category for chart in category.chart]
     assert charts and all(any(re.search(regex, tag) for regex in chart.multiline.tag for tag in scalars)
                           for chart in charts)
+
+
+def test_drift_image_greys_epochs_without_a_log_instead_of_calling_them_stable(monkeypatch):
+    monitor = QParamMonitor()
+    monkeypatch.setattr(monitor, "_quantizers", lambda: {"input": None, "conv1.weight": None})
+    monitor._drift_rows = [{"conv1.weight": 0.01}, {"conv1.weight": 0.0, "input": 1e-3}]
+    names, grid = monitor._drift_grid()
+    assert names == ["input", "conv1.weight"]
+    assert np.isnan(grid[0, 0]) and grid[0, 1] == pytest.approx(-3)  # no log in epoch 0: grey, not "no drift"
+    assert grid[1].tolist() == [pytest.approx(-2), -6.0]  # frozen: the bottom of the scale
+    image = monitor._drift_image()
+    grey = (image == np.array([0xBB, 0xBB, 0xBB], dtype=np.uint8)).all(axis=2)
+    assert grey.sum() > 100  # the missing cell is painted grey
 
 
 @pytest.mark.parametrize("network", [SmallCNN, GuideNet])

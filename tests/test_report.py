@@ -209,6 +209,7 @@ def test_the_optuna_search_only_samples_freeze_epochs_inside_the_run():
         assert values and all(0 <= v < cfg.quant.epochs for v in values), (key, values, cfg.quant.epochs)
 
 
+@pytest.mark.slow  # several training runs (about a minute on 2 cores)
 def test_a_sweep_with_a_failing_job_still_writes_the_report(tmp_path):
     """Hydra skips on_multirun_end when a job raised; the callback's per-job report still covers every run."""
     sweep = tmp_path / "sweep"

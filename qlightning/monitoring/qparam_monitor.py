@@ -237,6 +237,18 @@ class QParamMonitor(Callback):
         layers["freezing"] = {"frozen": ["Multiline", ["quant/observers_frozen", "quant/bn_frozen"]]}
         return layers
 
+    def _drift_grid(self) -> tuple[list[str], np.ndarray]:
+        """Row names (network order) and log10 of each epoch's mean drift, clipped to [-6, 0]; NaN where
+        a quantizer had no drift logged in that epoch."""
+        logged = {n for row in self._drift_rows for n in row}
+        names = [n for n in self._quantizers() if n in logged] + sorted(logged - set(self._quantizers()))
+        grid = np.full((max(len(names), 1), max(len(self._drift_rows), 1)), np.nan)
+        for col, row in enumerate(self._drift_rows):
+            for r, name in enumerate(names):
+                if name in row:
+                    grid[r, col] = math.log10(min(max(row[name], 1e-6), 1.0))
+        return names, grid
+
     def _drift_image(self) -> np.ndarray:
         """Heat map, one labelled row per quantizer (network order) and one column per epoch: the mean
         relative scale drift of the epoch's logs on a log scale, dark (<= 1e-6, frozen) to bright
@@ -247,15 +259,9 @@ class QParamMonitor(Callback):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        logged = {n for row in self._drift_rows for n in row}
-        names = [n for n in self._quantizers() if n in logged] + sorted(logged - set(self._quantizers()))
-        grid = np.full((max(len(names), 1), max(len(self._drift_rows), 1)), np.nan)
-        for col, row in enumerate(self._drift_rows):
-            for r, name in enumerate(names):
-                if name in row:
-                    grid[r, col] = math.log10(min(max(row[name], 1e-6), 1.0))
+        names, grid = self._drift_grid()
         figure = Figure(figsize=(2.8 + 0.45 * grid.shape[1] + 0.06 * max(map(len, names), default=0),
-                                 1.3 + 0.26 * grid.shape[0]), dpi=100)
+                                 1.3 + 0.26 * grid.shape[0]), dpi=130)
         FigureCanvasAgg(figure)
         axis = figure.add_subplot()
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#bbbbbb")
