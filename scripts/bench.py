@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,15 +38,9 @@ IMAGE = 64
 
 
 def cpu_flags() -> dict:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines) if value}
-    flags = set(fields.get("flags", "").split())
-    return {"model": fields.get("model name", platform.processor()), "avx512_vnni": "avx512_vnni" in flags,
-            "avx_vnni": "avx_vnni" in flags, "amx": any(f.startswith("amx") for f in flags),
-            "cores_visible": torch.get_num_threads()}
+    from qlightning.cpu import cpu_info
+
+    return {**cpu_info(), "cores_visible": torch.get_num_threads()}
 
 
 def ort_latency(name: str, workdir: Path, quick: bool) -> dict:
