@@ -124,6 +124,8 @@ class FxMode(QuantMode):
                 qconfig_mapping=prepared.meta.get("qlightning_qconfig_mapping"),
                 backend_config=backend.fx_backend_config(),
             )
+            # Inside the engine block: set_weight_bias repacks the weight for this engine's kernels.
+            clamp_weights_to_quant_range(converted, prepared)
         return bind_quantized_engine(converted, backend.engine)
 
     def fold_bn(self, model, example_inputs):
@@ -154,6 +156,57 @@ class FxMode(QuantMode):
 
     def bn_modules_or_nodes(self, prepared):
         return _ao.batchnorms(prepared)
+
+
+_INT_QSCHEMES = (torch.per_tensor_affine, torch.per_tensor_symmetric, torch.per_channel_affine,
+                 torch.per_channel_symmetric)
+
+
+def clamp_weights_to_quant_range(converted: torch.fx.GraphModule, prepared: torch.fx.GraphModule) -> int:
+    """Clamp every int8 weight of ``converted`` to its quantizer's ``[quant_min, quant_max]``, in place;
+    returns how many weight entries moved.
+
+    ``convert_fx`` lowers through reference modules, whose ``get_quantized_weight`` (torch 2.14.1,
+    ``ao/nn/quantized/reference/modules/utils.py``, the non-decomposed ``_quantize_weight``) ignores the
+    weight quantizer's ``quant_min`` / ``quant_max`` and clamps to the dtype's [-128, 127] only (eager's
+    ``from_float`` clamps, ``_clamp_weights``). With the x86 backend's 7-bit weights (CPUs without VNNI)
+    the fake-quantized model clamps to [-64, 63] while the int8 model kept 64..69 and -65..-69 (a max
+    weight lands on 63.5 steps, and weights move after the observers freeze): 163 entries on the digits
+    QAT test, conv1 5 and conv2 10 output steps off the fake-quant model, logits 2-4 steps and argmax
+    changed; clamped, every layer is within 1 step and each int8 kernel matches an exact integer
+    reference. Out-of-range weights also reopen the ``vpmaddubsw`` saturation 7 bits were chosen for.
+    """
+    mapping = prepared.meta.get("qlightning_qconfig_mapping")
+    global_qconfig = getattr(mapping, "global_qconfig", None)
+    default = global_qconfig.weight() if global_qconfig is not None else None
+    moved = 0
+    for name, module in converted.named_modules():
+        weight_fn = getattr(module, "weight", None)
+        if not callable(weight_fn) or not hasattr(module, "set_weight_bias"):
+            continue
+        weight = weight_fn()
+        if not (isinstance(weight, torch.Tensor) and weight.is_quantized and weight.qscheme() in _INT_QSCHEMES):
+            continue
+        try:
+            quantizer = getattr(prepared.get_submodule(name), "weight_fake_quant", None)
+        except AttributeError:
+            quantizer = None
+        quantizer = default if quantizer is None else quantizer
+        if quantizer is None:
+            continue
+        ints = weight.int_repr()
+        bounded = ints.clamp(int(quantizer.quant_min), int(quantizer.quant_max))
+        if torch.equal(bounded, ints):
+            continue
+        moved += int((bounded != ints).sum())
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            weight = torch._make_per_channel_quantized_tensor(
+                bounded, weight.q_per_channel_scales(), weight.q_per_channel_zero_points(), weight.q_per_channel_axis()
+            )
+        else:
+            weight = torch._make_per_tensor_quantized_tensor(bounded, weight.q_scale(), weight.q_zero_point())
+        module.set_weight_bias(weight, module.bias())
+    return moved
 
 
 def _forget_removed_nodes(model: torch.fx.GraphModule) -> None:
