@@ -117,7 +117,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     if isinstance(quant, PostTrainingQuantization):
         # Train float, then the callback calibrates on the train loader and converts at fit end.
         phase(f"float training, {cfg.float_epochs} epochs, then {describe(quant)}")
-        args = _trainer_args(cfg, cfg.float_epochs, output_dir, "float")
+        args = _trainer_args(cfg, cfg.float_epochs, output_dir)
         L.Trainer(**args, callbacks=[quant, *_checkpointing(args, output_dir, "float")]).fit(model, datamodule)
         return _summarize(model, quant, datamodule, output_dir, fake_quant_model=None)
 
@@ -126,7 +126,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     float_model = copy.deepcopy(model)
     model.hparams.lr = cfg.qat_lr
     phase(f"{describe(quant)}, {cfg.quant.epochs} epochs" + (f", resumed from {resume}" if resume else ""))
-    args = _trainer_args(cfg, cfg.quant.epochs, output_dir, "qat")
+    args = _trainer_args(cfg, cfg.quant.epochs, output_dir)
     if loggers:
         args["logger"] = loggers
     # The float phase printed the model summary of this network already.
@@ -154,7 +154,7 @@ def float_baseline(cfg: DictConfig, model, datamodule, output_dir: Path) -> Path
         model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True)["state_dict"])
         return cached
     phase(f"float baseline, {cfg.float_epochs} epochs")
-    args = _trainer_args(cfg, cfg.float_epochs, output_dir, "float")
+    args = _trainer_args(cfg, cfg.float_epochs, output_dir)
     trainer = L.Trainer(**args, callbacks=_checkpointing(args, output_dir, "float"))
     trainer.fit(model, datamodule)
     last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
@@ -215,7 +215,7 @@ def quantize(cfg: DictConfig, output_dir: str | Path) -> dict:
             f"{type(ptq).__name__}; QAT needs training: use scripts/train.py"
         )
     phase(f"{describe(ptq)} of {ckpt_path}")
-    trainer = L.Trainer(**_trainer_args(cfg, 0, output_dir, "ptq"), callbacks=[ptq])
+    trainer = L.Trainer(**_trainer_args(cfg, 0, output_dir), callbacks=[ptq])
     # Calibration data comes from the train split, so the accuracy below is measured on unseen data.
     trainer.validate(model, dataloaders=datamodule.train_dataloader(), ckpt_path=str(ckpt_path), verbose=False)
     return _summarize(model, ptq, datamodule, output_dir, fake_quant_model=None, ckpt_path=str(ckpt_path))
@@ -249,7 +249,7 @@ def export_checkpoint(cfg: DictConfig, output_dir: str | Path, overrides: tuple[
     qat = _build(quant_cfg, drop=_QUANT_RUN_KEYS)
     _export_into(qat, output_dir)
     phase(f"export of {ckpt_path} ({describe(qat)}) to {', '.join(formats)}")
-    args = _trainer_args(cfg, -1, output_dir, "export")
+    args = _trainer_args(cfg, -1, output_dir)
     args["limit_train_batches"] = 0  # restore and go straight to fit end
     args["enable_checkpointing"] = False
     L.Trainer(**args, callbacks=[qat]).fit(model, datamodule, ckpt_path=str(ckpt_path))
@@ -355,7 +355,7 @@ def onnx_latency_ms(path: Path, x) -> float:
     return latency_stats({"onnx": lambda: session.run(None, feed)})["onnx"]["median"]
 
 
-def _trainer_args(cfg: DictConfig, epochs: int, output_dir: Path | None = None, phase_name: str = "") -> dict:
+def _trainer_args(cfg: DictConfig, epochs: int, output_dir: Path | None = None) -> dict:
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
     args.pop("_target_", None)
     args = {k: v for k, v in args.items() if not (k in ("max_epochs", "min_epochs", "max_steps") and v is None)}
