@@ -174,7 +174,10 @@ def check_qat_checkpoint(ckpt_path) -> dict:
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is not a file")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise QuantizationConfigError(f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint: {exc}") from exc
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if str(k).startswith("QuantizationAwareTraining")]
     if not states:
         raise QuantizationConfigError(

@@ -173,6 +173,7 @@ def test_missing_backend_extra_is_named_at_construction(monkeypatch):
 
 def test_jobs_refuse_incompatible_choices_before_training(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from tests.test_default_job import CONF
     from qlightning.jobs import export_checkpoint, train
@@ -180,9 +181,14 @@ def test_jobs_refuse_incompatible_choices_before_training(tmp_path, monkeypatch)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         export_cfg = compose("export", overrides=[f"ckpt_path={tmp_path / 'x86.ckpt'}", "format=tflite"])
         train_cfg = compose("train", overrides=["quant.backend=tflite"])
-    (tmp_path / "x86.ckpt").write_bytes(b"not read: the config is refused first")
+    # A checkpoint's quant config (all export.py reads of it before the callback refuses the format).
+    torch.save({"callbacks": {"QuantizationAwareTraining{'mode': 'pt2e', 'backend': 'x86'}": {
+        "mode": "pt2e", "backend": "x86", "observer": "moving_average_minmax"}}}, tmp_path / "x86.ckpt")
     with pytest.raises(QuantizationConfigError, match=r"export format 'tflite' cannot run models quantized for backend 'x86'"):
         export_checkpoint(export_cfg, tmp_path / "export")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(QuantizationConfigError, match=r"ckpt_path='.*junk.ckpt' is not a readable checkpoint"):
+        export_checkpoint(OmegaConf.merge(export_cfg, {"ckpt_path": str(tmp_path / "junk.ckpt")}), tmp_path / "export")
     _without_module(monkeypatch, "litert_torch")
     with pytest.raises(ImportError, match=r"pip install 'qlightning\[tflite\]'"):
         train(train_cfg, tmp_path / "train")
