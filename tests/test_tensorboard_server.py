@@ -140,7 +140,8 @@ def test_real_tensorboard_server_shows_every_spec_tag_in_its_dashboards(journey3
         series = server.get("data/plugin/scalars/scalars", run=run, tag="qparams/conv1.weight/scale")
         assert [step for _, step, _ in series] == [1, 3, 5, 7, 9, 11] and all(value > 0 for *_, value in series)
         frozen = server.get("data/plugin/scalars/scalars", run=run, tag="quant/observers_frozen")
-        assert [value for *_, value in frozen] == [0.0, 1.0]
+        # 0/1 at each epoch end (steps 6, 12) and a step where freezing happened (0 at 6, 1 at 7).
+        assert [(step, value) for _, step, value in frozen] == [(1, 0.0), (6, 0.0), (7, 1.0), (12, 1.0)]
 
         # Histograms and Distributions: per-channel scale and zero point of every per-channel quantizer, and
         # nothing the Scalars plugin shows (TensorBoard keeps one plugin per tag).
