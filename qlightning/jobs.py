@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import qlightning.conf_schema  # noqa: F401  (registers the quant schemas Hydra validates against)
 from qlightning.callbacks import PostTrainingQuantization
+from qlightning.callbacks.qat import checkpointed_states
 from qlightning.errors import QuantizationConfigError
 from qlightning.exporters.atomic import publish, staged_path, write_json
 from qlightning.latency import interleaved_calls_ms, ort_session
@@ -178,7 +179,7 @@ def check_qat_checkpoint(ckpt_path) -> dict:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise QuantizationConfigError(f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint: {exc}") from exc
-    states = [v for k, v in checkpoint.get("callbacks", {}).items() if str(k).startswith("QuantizationAwareTraining")]
+    states = checkpointed_states(checkpoint)
     if not states:
         raise QuantizationConfigError(
             f"checkpoint {ckpt_path} holds no QuantizationAwareTraining state: it is not a QAT checkpoint (quantize a "

@@ -200,8 +200,7 @@ class QuantizationAwareTraining(Callback):
     def _check_checkpoint_config(self, ckpt_path) -> None:
         from lightning.fabric.utilities.cloud_io import _load
 
-        checkpoint = _load(ckpt_path, map_location="cpu", weights_only=False)
-        states = [v for k, v in checkpoint.get("callbacks", {}).items() if str(k).startswith(type(self).__name__)]
+        states = checkpointed_states(_load(ckpt_path, map_location="cpu", weights_only=False))
         if not states:
             raise QuantizationConfigError(
                 f"checkpoint {ckpt_path} holds no QuantizationAwareTraining state: it was not saved during QAT "
@@ -311,6 +310,11 @@ class QuantizationAwareTraining(Callback):
             self.freeze_observers()
         if state_dict.get("bn_frozen", False) and self._prepared is not None:
             self.freeze_bn()
+
+
+def checkpointed_states(checkpoint: dict) -> list[dict]:
+    """The QuantizationAwareTraining states a loaded Lightning checkpoint holds (empty: not a QAT checkpoint)."""
+    return [v for k, v in checkpoint.get("callbacks", {}).items() if str(k).startswith(QuantizationAwareTraining.__name__)]
 
 
 class _CallbackHook:
