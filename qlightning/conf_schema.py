@@ -18,6 +18,7 @@ from qlightning.callbacks.config import ACTIVATION_SCHEMES, WEIGHT_SCHEMES
 from qlightning.exporters import available_formats
 from qlightning.modes import available_modes
 from qlightning.observers import available_observers
+from qlightning.spec import _DTYPE_RANGES
 
 
 def _choices(name: str, values) -> type[Enum]:
@@ -29,6 +30,7 @@ BackendName = _choices("BackendName", available_backends())
 ObserverName = _choices("ObserverName", available_observers())
 WeightScheme = _choices("WeightScheme", WEIGHT_SCHEMES)
 ActivationScheme = _choices("ActivationScheme", ACTIVATION_SCHEMES)
+ActivationDtype = _choices("ActivationDtype", sorted(_DTYPE_RANGES))
 ExportFormatName = _choices("ExportFormatName", available_formats())
 
 
@@ -39,7 +41,10 @@ class _QuantSchema:
     mode: Mode = Mode.pt2e
     backend: BackendName = BackendName.x86
     weight_scheme: WeightScheme = WeightScheme.per_channel_symmetric
-    activation_scheme: ActivationScheme = ActivationScheme.per_tensor_affine
+    # null: the backend's scheme for the activation dtype (LiteRT's int16 activations are symmetric).
+    activation_scheme: Optional[ActivationScheme] = None
+    # null: the backend's 8-bit activations; int16 / uint16: A16W8 where the backend's runtime runs it.
+    activation_dtype: Optional[ActivationDtype] = None
     merge_relu: bool = True
     export: list[ExportFormatName] = field(default_factory=lambda: [ExportFormatName.onnx])
     export_dir: Optional[str] = None

@@ -226,7 +226,7 @@ def quantize(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 
 # What a QAT checkpoint records of its quant config (QuantizationAwareTraining.state_dict).
-_CHECKPOINTED_QUANT_KEYS = ("mode", "backend", "observer", "weight_scheme", "activation_scheme")
+_CHECKPOINTED_QUANT_KEYS = ("mode", "backend", "observer", "weight_scheme", "activation_scheme", "activation_dtype")
 
 
 def export_checkpoint(cfg: DictConfig, output_dir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
@@ -306,6 +306,7 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         "mode": callback.mode,
         "backend": callback.backend.name,
         "observer": callback.observer,
+        "activation_dtype": callback.activation_dtype,
         "float_acc": round(accuracy(float_model, val), 2),
         # PTQ has no fake-quantized training model; its int8 model is compared with the float one.
         "fake_quant_acc": None if fake_quant_model is None else round(accuracy(fake_quant_model, val), 2),
@@ -392,7 +393,8 @@ def describe(callback) -> str:
         kind = "dynamic PTQ" if callback.dynamic else f"static PTQ ({callback.calibration_batches} calibration batches)"
     else:
         kind = "QAT"
-    return f"{kind}, mode {callback.mode}, backend {callback.backend.name}, observer {callback.observer}"
+    wide = f", {callback.activation_dtype} activations" if callback.recipe.activation.bits != 8 else ""
+    return f"{kind}, mode {callback.mode}, backend {callback.backend.name}, observer {callback.observer}{wide}"
 
 
 class _DropNoise(logging.Filter):

@@ -12,12 +12,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-_DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+_DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
+SIGNED_DTYPES = frozenset({"int8", "int16"})
+SIXTEEN_BIT_DTYPES = frozenset({"uint16", "int16"})
+# Smallest scale of a 16-bit activation quantizer: float32's epsilon, torch's observer default. The
+# 8-bit floor (2**-12, qnnpack's) would cap 16-bit resolution: a [-4, 4] range has scale 1.2e-4 < 2**-12.
+SIXTEEN_BIT_EPS = float(np.finfo(np.float32).eps)
 
 
 @dataclass(frozen=True)
 class TensorQuantSpec:
-    dtype: str  # "uint8" or "int8"
+    dtype: str  # "uint8", "int8", "uint16" or "int16"
     quant_min: int
     quant_max: int
     symmetric: bool
@@ -34,6 +39,15 @@ class TensorQuantSpec:
             raise ValueError(
                 f"quant range [{self.quant_min}, {self.quant_max}] does not fit {self.dtype} [{lo}, {hi}]"
             )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The plain integer dtype PT2E's quantize / dequantize ops take for this spec."""
+        return getattr(torch, self.dtype)
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.dtype in SIXTEEN_BIT_DTYPES else 8
 
     @property
     def qscheme(self) -> torch.qscheme:
@@ -63,7 +77,7 @@ def qparams_from_range(min_val: float, max_val: float, spec: TensorQuantSpec) ->
     The range is first widened to include 0, so that 0 is exactly representable (needed for padding
     and ReLU). Asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``zp = qmin - round(min / scale)``
     clamped to the range. Symmetric: ``scale = 2 * max(|min|, |max|) / (qmax - qmin)``; ``zp`` is 0
-    for signed types and ``(qmin + qmax) // 2`` for unsigned ones.
+    for signed types and ``(qmin + qmax) // 2`` for unsigned ones (uint16: ``2**15``).
     """
     f32 = np.float32
     qmin, qmax = spec.quant_min, spec.quant_max
@@ -72,8 +86,12 @@ def qparams_from_range(min_val: float, max_val: float, spec: TensorQuantSpec) ->
     if spec.symmetric:
         bound = max(-lo, hi)
         scale = max(bound / (f32(qmax - qmin) / f32(2)), eps)
-        # The centre of an unsigned range, as PyTorch computes it for an explicit quant range.
-        zero_point = 0 if spec.dtype == "int8" else (qmin + qmax) // 2
+        if spec.dtype in SIGNED_DTYPES:
+            zero_point = 0
+        elif spec.dtype == "uint16":  # torchao 0.18's observers put it at 2**15, whatever the range
+            zero_point = 2**15
+        else:  # the centre of an unsigned range, as PyTorch computes it for an explicit quant range
+            zero_point = (qmin + qmax) // 2
         return float(scale), zero_point
     with np.errstate(over="ignore"):
         width = hi - lo

@@ -25,8 +25,8 @@ import operator
 
 import torch
 
-from qlightning.backends.registry import Backend, register_backend
-from qlightning.spec import TensorQuantSpec
+from qlightning.backends.registry import Backend, WideActivation, register_backend
+from qlightning.spec import SIXTEEN_BIT_EPS, TensorQuantSpec
 
 aten = torch.ops.aten
 
@@ -167,6 +167,15 @@ register_backend(
         pt2e_quantizer=onnxruntime_quantizer,
         shared_split_qparams=True,
         fx_silu_as_sigmoid_mul=True,
+        # 16-bit QDQ (opset 21). ORT's CPU provider runs it as float ops between 16-bit Q/DQ (no int16
+        # kernels: QLinearConv is 8-bit only); NPU providers (QNN's HTP) run it in integers.
+        wide_activations=tuple(
+            (dtype, WideActivation(
+                TensorQuantSpec(dtype, lo, hi, symmetric=False, per_channel=False, eps=SIXTEEN_BIT_EPS),
+                schemes=("per_tensor_affine", "per_tensor_symmetric"),
+                note="ONNX Runtime takes 16-bit QDQ at opset 21"))
+            for dtype, lo, hi in (("int16", -32768, 32767), ("uint16", 0, 65535))
+        ),
         description="ONNX Runtime QDQ: outputs of conv/linear/add quantized so ORT fuses integer kernels",
     )
 )

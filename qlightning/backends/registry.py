@@ -18,6 +18,18 @@ ALL_MODES = frozenset({"eager", "fx", "pt2e"})
 
 
 @dataclass(frozen=True)
+class WideActivation:
+    """A 16-bit activation type the backend's runtime executes with its 8-bit weights (A16W8)."""
+
+    # Its integer range and default scheme.
+    spec: TensorQuantSpec
+    # The activation schemes the runtime takes for it.
+    schemes: tuple[str, ...]
+    # How the runtime runs it, for error messages and docs.
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     # ``torch.backends.quantized.engine`` that runs eager/FX int8 models for this backend.
@@ -38,9 +50,19 @@ class Backend:
     same_scale_concat: bool = False
     # FX traces nn.SiLU as x * sigmoid(x), so the runtime's integer sigmoid and mul kernels run it.
     fx_silu_as_sigmoid_mul: bool = False
+    # 16-bit activation types (A16W8) the runtime executes, by dtype name; PT2E only.
+    wide_activations: tuple[tuple[str, WideActivation], ...] = ()
     # pip extra bringing the modules its quantizer needs (checked when a callback is constructed)
     extra: str | None = None
     required_modules: tuple[str, ...] = ()
+
+    @property
+    def activation_dtypes(self) -> list[str]:
+        """The activation dtypes this backend takes: its 8-bit one first, then the 16-bit ones."""
+        return [self.activation.dtype] + [name for name, _ in self.wide_activations]
+
+    def wide_activation(self, dtype: str) -> WideActivation | None:
+        return dict(self.wide_activations).get(dtype)
 
     def check_installed(self) -> None:
         """Raise ImportError naming the pip extra when a module the backend's quantizer needs is missing."""

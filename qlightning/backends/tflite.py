@@ -13,8 +13,8 @@ imported when a network is prepared, not when this backend registers.
 
 from __future__ import annotations
 
-from qlightning.backends.registry import Backend, register_backend
-from qlightning.spec import TensorQuantSpec
+from qlightning.backends.registry import Backend, WideActivation, register_backend
+from qlightning.spec import SIXTEEN_BIT_EPS, TensorQuantSpec
 
 
 def _patterns_as_modules() -> None:
@@ -46,7 +46,7 @@ def _patterns_as_modules() -> None:
     litert_utils._get_aten_graph_module_for_pattern = as_module
 
 
-def _litert_pt2e_quantizer_class():
+def _litert_pt2e_quantizer_class(sixteen_bit: bool = False):
     """litert-torch's ``PT2EQuantizer``, made to annotate ``torch.cat`` under torch >= 2.10.
 
     litert-torch 0.10 finds cat with ``get_source_partitions(graph, [torch.cat])``, which reads
@@ -67,14 +67,20 @@ def _litert_pt2e_quantizer_class():
     neighbouring ops, but an add feeding an add has no observer between them: mobilenet_v2 ran 9 of its
     10 residual adds as DEQUANTIZE -> float ADD -> QUANTIZE. Float tensor adds without a source get
     ``operator.add`` (what strict export records for ``x + y``); integer adds (BatchNorm's
-    ``num_batches_tracked`` under QAT) are left alone."""
+    ``num_batches_tracked`` under QAT) are left alone.
+
+    ``sixteen_bit`` (16x8): cat is not annotated at all. litert_converter 0.5.0's ``tfl.concatenation``
+    verifier refuses int16 operands ("must be variadic of tensor of ... QI8 type ... values, but got
+    'tensor<...!quant.uniform<i16...>>'"), so LiteRT runs the concatenation in float between
+    DEQUANTIZE and QUANTIZE (counted as a float op in the report)."""
     import operator
 
     import torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
 
     static_ops = [op for op in PT2EQuantizer.STATIC_OPS if op != "cat"]
-    static_ops.insert(static_ops.index("adaptive_avg_pool2d"), "cat")
+    if not sixteen_bit:
+        static_ops.insert(static_ops.index("adaptive_avg_pool2d"), "cat")
 
     _TENSOR_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 
@@ -90,7 +96,7 @@ def _litert_pt2e_quantizer_class():
             for node in model.graph.nodes:
                 if node.op != "call_function" or node.meta.get("source_fn_stack"):
                     continue
-                if node.target == torch.ops.aten.cat.default:
+                if node.target == torch.ops.aten.cat.default and not sixteen_bit:
                     node.meta["source_fn_stack"] = [(node.name, torch.cat)]
                 elif node.target in _TENSOR_ADDS and _is_float(node):
                     node.meta["source_fn_stack"] = [(node.name, operator.add)]
@@ -106,11 +112,18 @@ def litert_quantizer(config):
     from torchao.quantization.pt2e.quantizer import FixedQParamsQuantizationSpec
 
     _patterns_as_modules()
-    fixed = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=1 / 256, zero_point=-128, quant_min=-128,
-                                         quant_max=127, qscheme=torch.per_tensor_affine)
+    sixteen_bit = config.input_activation.dtype == torch.int16
+    # Sigmoid / softmax outputs: the qparams LiteRT's LOGISTIC / SOFTMAX kernels require (int8: scale
+    # 1/256, zero point -128; int16: scale 1/32768, zero point 0).
+    if sixteen_bit:
+        fixed = FixedQParamsQuantizationSpec(dtype=torch.int16, scale=1 / 32768, zero_point=0, quant_min=-32768,
+                                             quant_max=32767, qscheme=torch.per_tensor_affine)
+    else:
+        fixed = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=1 / 256, zero_point=-128, quant_min=-128,
+                                             quant_max=127, qscheme=torch.per_tensor_affine)
     litert_config = QuantizationConfig(config.input_activation, config.output_activation, config.weight, None,
                                        fixed, config.is_qat, False)
-    return _litert_pt2e_quantizer_class()().set_global(litert_config)
+    return _litert_pt2e_quantizer_class(sixteen_bit)().set_global(litert_config)
 
 
 def tflite_fx_backend_config():
@@ -169,6 +182,13 @@ register_backend(
         pt2e_quantizer=litert_quantizer,
         shared_split_qparams=True,
         same_scale_concat=True,
+        # LiteRT's 16x8 mode: int16 activations with zero point 0, int8 weights, int64 biases.
+        wide_activations=(
+            ("int16", WideActivation(
+                TensorQuantSpec("int16", -32767, 32767, symmetric=True, per_channel=False, eps=SIXTEEN_BIT_EPS),
+                schemes=("per_tensor_symmetric",),
+                note="LiteRT's 16x8 kernels take int16 activations with zero point 0")),
+        ),
         description="LiteRT (TFLite) int8 through litert-torch's PT2E quantizer and converter",
         extra="tflite",
         # The FX BackendConfig needs only torch.ao; the PT2E quantizer is litert-torch's own.

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from qlightning.backends import Backend, get_backend
+from qlightning.backends import Backend, available_backends, get_backend
 from qlightning.errors import QuantizationConfigError, unknown_choice
 from qlightning.modes.registry import validate_mode
 from qlightning.observers import get_observer
-from qlightning.spec import QuantRecipe
+from qlightning.spec import _DTYPE_RANGES, QuantRecipe, TensorQuantSpec
 
 WEIGHT_SCHEMES = ("per_channel_symmetric", "per_channel_affine", "per_tensor_symmetric", "per_tensor_affine")
 ACTIVATION_SCHEMES = ("per_tensor_affine", "per_tensor_symmetric")
@@ -27,10 +27,49 @@ def _scheme(kind: str, value: str, valid: Sequence[str]) -> tuple[bool, bool]:
     return value.endswith("symmetric"), value.startswith("per_channel")
 
 
+def activation_scheme_name(spec: TensorQuantSpec) -> str:
+    return "per_tensor_symmetric" if spec.symmetric else "per_tensor_affine"
+
+
+def _activation_spec(backend: Backend, mode: str, dtype: str | None, scheme: str | None) -> TensorQuantSpec:
+    """The activation spec for ``activation_dtype`` / ``activation_scheme`` (``None``: the backend's)."""
+    if dtype is None or dtype == backend.activation.dtype:
+        spec, schemes = backend.activation, ACTIVATION_SCHEMES
+    else:
+        if dtype not in _DTYPE_RANGES:
+            raise unknown_choice("activation dtype", dtype, _DTYPE_RANGES)
+        wide = backend.wide_activation(dtype)
+        if wide is None:
+            runners = [name for name in available_backends() if get_backend(name).wide_activation(dtype)]
+            raise QuantizationConfigError(
+                f"backend {backend.name!r} runs activations as {backend.activation_dtypes}, not "
+                f"activation_dtype={dtype!r}; backends whose runtime executes {dtype} activations: {runners}"
+            )
+        if mode != "pt2e":
+            raise QuantizationConfigError(
+                f"activation_dtype={dtype!r} needs mode='pt2e': torch.ao's eager and FX modes quantize "
+                f"activations to quint8/qint8 only (torch 2.14.1); got mode={mode!r}"
+            )
+        spec, schemes = wide.spec, wide.schemes
+    if scheme is None:
+        return spec
+    a_sym, a_pc = _scheme("activation", scheme, ACTIVATION_SCHEMES)
+    if scheme not in schemes:
+        raise QuantizationConfigError(
+            f"backend {backend.name!r} runs {spec.dtype} activations only as {list(schemes)}, got "
+            f"activation_scheme={scheme!r} ({backend.wide_activation(spec.dtype).note})"
+        )
+    return spec.with_scheme(symmetric=a_sym, per_channel=a_pc)
+
+
 def build_recipe(
-    mode: str, backend: str, observer: str, weight_scheme: str, activation_scheme: str
+    mode: str, backend: str, observer: str, weight_scheme: str, activation_scheme: str | None,
+    activation_dtype: str | None = None,
 ) -> tuple[Backend, QuantRecipe]:
-    """Check every choice and return the backend and the recipe the modes consume."""
+    """Check every choice and return the backend and the recipe the modes consume.
+
+    ``activation_dtype=None`` is the backend's 8-bit type; ``activation_scheme=None`` the backend's
+    scheme for the chosen type (LiteRT's int16 activations are symmetric, its int8 ones affine)."""
     validate_mode(mode)
     backend_obj = get_backend(backend)
     if mode not in backend_obj.modes:
@@ -41,9 +80,8 @@ def build_recipe(
         backend_obj.check_installed()
     get_observer(observer)
     w_sym, w_pc = _scheme("weight", weight_scheme, WEIGHT_SCHEMES)
-    a_sym, a_pc = _scheme("activation", activation_scheme, ACTIVATION_SCHEMES)
     recipe = QuantRecipe(
-        activation=backend_obj.activation.with_scheme(symmetric=a_sym, per_channel=a_pc),
+        activation=_activation_spec(backend_obj, mode, activation_dtype, activation_scheme),
         weight=backend_obj.weight.with_scheme(symmetric=w_sym, per_channel=w_pc),
         observer=observer,
     )

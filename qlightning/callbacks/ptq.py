@@ -49,7 +49,7 @@ class PostTrainingQuantization(Callback):
     The LightningModule keeps its float network; the int8 copy is :attr:`quantized_model`.
 
     Args:
-        mode, backend, observer, module, example_inputs, weight_scheme, activation_scheme,
+        mode, backend, observer, module, example_inputs, weight_scheme, activation_scheme, activation_dtype,
             modules_to_fuse: as for :class:`~qlightning.QuantizationAwareTraining` (``observer`` must
             be one that calibrates: not ``"lsq"``, which learns its qparams by training).
         dynamic: dynamic instead of static quantization.
@@ -74,14 +74,18 @@ class PostTrainingQuantization(Callback):
         module: str | None = None,
         example_inputs: Any = None,
         weight_scheme: str = "per_channel_symmetric",
-        activation_scheme: str = "per_tensor_affine",
+        activation_scheme: str | None = None,
+        activation_dtype: str | None = None,
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         batch_to_inputs: Callable[[Any], tuple] | None = None,
         merge_relu: bool = True,
         export: Sequence[str] | None = None,
         export_dir: str | None = None,
     ):
-        self.backend, self.recipe = build_recipe(mode, backend, observer, weight_scheme, activation_scheme)
+        self.backend, self.recipe = build_recipe(
+            mode, backend, observer, weight_scheme, activation_scheme, activation_dtype
+        )
+        self.activation_dtype = self.recipe.activation.dtype
         if get_observer(observer).learnable:
             calibrating = [o for o in available_observers() if not get_observer(o).learnable]
             raise QuantizationConfigError(
@@ -90,6 +94,11 @@ class PostTrainingQuantization(Callback):
             )
         if not isinstance(dynamic, bool):
             raise QuantizationConfigError(f"dynamic must be True or False, got {dynamic!r}")
+        if dynamic and activation_dtype is not None and self.recipe.activation.bits != 8:
+            raise QuantizationConfigError(
+                f"activation_dtype={activation_dtype!r} needs static quantization (dynamic=False): dynamic PTQ "
+                "quantizes activations at run time with 8-bit int8 kernels"
+            )
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise QuantizationConfigError(
                 f"calibration_batches must be an integer >= 1, got {calibration_batches!r}"

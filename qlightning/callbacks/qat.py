@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from qlightning.callbacks.config import build_recipe, check_epoch, check_flag, check_modules_to_fuse
+from qlightning.callbacks.config import activation_scheme_name, build_recipe, check_epoch, check_flag, check_modules_to_fuse
 from qlightning.callbacks.exporting import check_export_formats, export_formats, pass_check_inputs
 from qlightning.callbacks.observation import ObservationPause, pause_observation
 from qlightning.callbacks.target import check_float_network, resolve_example_inputs, resolve_network
@@ -35,7 +35,11 @@ class QuantizationAwareTraining(Callback):
         example_inputs: inputs to trace with; default ``pl_module.example_input_array``.
         freeze_bn_epoch: from this epoch on BatchNorm uses (and stops updating) its running stats.
         freeze_observers_epoch: from this epoch on qparams stop changing; fake quantization stays on.
-        weight_scheme / activation_scheme: override the backend's default schemes.
+        weight_scheme / activation_scheme: override the backend's default schemes (``activation_scheme=None``:
+            the backend's scheme for the activation dtype).
+        activation_dtype: ``None`` for the backend's 8-bit activations, or a 16-bit type its runtime executes
+            with 8-bit weights (A16W8: ``"int16"`` for ``onnxruntime`` and ``tflite``, ``"uint16"`` for
+            ``onnxruntime``); ``mode="pt2e"`` only.
         modules_to_fuse: eager mode only: groups of submodule names to fuse, instead of the ones found.
         fold_bn: at fit end, fold BatchNorm into the QAT conv/linear layers before conversion.
         merge_relu: at fit end, merge ReLU/clamp into the following quantizer's qparams (FX, PT2E).
@@ -58,14 +62,17 @@ class QuantizationAwareTraining(Callback):
         freeze_bn_epoch: int | None = None,
         freeze_observers_epoch: int | None = None,
         weight_scheme: str = "per_channel_symmetric",
-        activation_scheme: str = "per_tensor_affine",
+        activation_scheme: str | None = None,
+        activation_dtype: str | None = None,
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         fold_bn: bool = True,
         merge_relu: bool = True,
         export: Sequence[str] | None = None,
         export_dir: str | None = None,
     ):
-        self.backend, self.recipe = build_recipe(mode, backend, observer, weight_scheme, activation_scheme)
+        self.backend, self.recipe = build_recipe(
+            mode, backend, observer, weight_scheme, activation_scheme, activation_dtype
+        )
         self.mode, self.observer = mode, observer
         check_epoch("freeze_bn_epoch", freeze_bn_epoch)
         check_epoch("freeze_observers_epoch", freeze_observers_epoch)
@@ -77,7 +84,9 @@ class QuantizationAwareTraining(Callback):
         self.export_dir = export_dir
         # Reports of the files exported at the last fit end, by format.
         self.exported: dict[str, dict] = {}
-        self.weight_scheme, self.activation_scheme = weight_scheme, activation_scheme
+        self.weight_scheme = weight_scheme
+        self.activation_scheme = activation_scheme_name(self.recipe.activation)
+        self.activation_dtype = self.recipe.activation.dtype
         self.module = module
         self.example_inputs = example_inputs
         self.freeze_bn_epoch = freeze_bn_epoch
@@ -111,6 +120,7 @@ class QuantizationAwareTraining(Callback):
             "observer": self.observer,
             "weight_scheme": self.weight_scheme,
             "activation_scheme": self.activation_scheme,
+            "activation_dtype": self.activation_dtype,
         }
 
     def _check_config_matches(self, state: dict, source: str) -> None:

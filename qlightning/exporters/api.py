@@ -17,6 +17,7 @@ from qlightning.errors import ExportVerificationError, QuantizationConfigError
 from qlightning.exporters.atomic import publish, staged_path, write_json
 from qlightning.exporters.program import exportable_program
 from qlightning.exporters.registry import get_format
+from qlightning.passes.graph import activation_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,8 @@ def export(
             "float_size_basis": "the same file with its 8-bit weights stored as fp32",
             "batch_size": batch_size if fmt.fixed_batch else "dynamic",
             "num_quantized_ops": quantized_ops,
+            # What the program quantizes activations to ("int16": A16W8), as the file carries it.
+            "activation_dtype": "/".join(activation_dtypes(program.converted.graph_module)) or None,
             # How the file stores its 8-bit weights, where the format says (ONNX: uint8 on x86 CPUs
             # without VNNI, whose u8 x s8 kernels saturate: onnx_format.unsigned_weights).
             **({"weight_dtype": implementation.weight_dtype(staged)} if hasattr(implementation, "weight_dtype") else {}),

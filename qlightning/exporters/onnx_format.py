@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from qlightning.cpu import u8s8_saturates
+from qlightning.spec import SIXTEEN_BIT_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def write_qdq(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> 
     clamp_to_quant_range(gm)
     dynamic = dynamic_batch(example_inputs, torch.export.Dim("batch"))
     program = torch.export.export(gm, example_inputs, dynamic_shapes=dynamic)
-    onnx_program = torch.onnx.export(program, example_inputs, dynamo=True, optimize=True, verbose=False)
+    onnx_program = torch.onnx.export(program, example_inputs, dynamo=True, optimize=True, verbose=False,
+                                     **_opset_for(converted.graph_module))
     model = onnx_program.model_proto
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
@@ -63,13 +65,24 @@ def write_qdq(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> 
     onnx.save(model, str(path))
 
 
+def _opset_for(gm: torch.fx.GraphModule) -> dict:
+    """16-bit activations need opset 21 (QuantizeLinear / DequantizeLinear took only 8-bit integers
+    before); 8-bit files keep torch.onnx's default opset, the one their ORT fusions were measured on."""
+    from qlightning.passes.graph import activation_dtypes
+
+    return {"opset_version": 21} if set(activation_dtypes(gm)) & SIXTEEN_BIT_DTYPES else {}
+
+
 def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
     """The ``onnx`` format: the QDQ file, with uint8 weights where int8 ones would saturate on this CPU
-    (the file is verified here, in ONNX Runtime, before it is kept)."""
+    (the file is verified here, in ONNX Runtime, before it is kept). A16W8 files keep int8 weights:
+    ORT has no 16x8 integer kernel to saturate, it runs their ops in float between Q/DQ."""
     import onnx
 
+    from qlightning.passes.graph import activation_dtypes
+
     write_qdq(converted, example_inputs, path)
-    if u8s8_saturates():
+    if u8s8_saturates() and not set(activation_dtypes(converted.graph_module)) & SIXTEEN_BIT_DTYPES:
         model = onnx.load(str(path))
         if unsigned_weights(model):
             onnx.save(model, str(path))

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 _COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL", "ADD", "MUL", "SUB",
             "AVERAGE_POOL_2D", "MEAN"}
 _WEIGHTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED"}
+# Integer tensor types of quantized model inputs and outputs (int16: 16x8 models).
+_INTEGER = (np.int8, np.uint8, np.int16)
 
 
 _MATMULS = (torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
@@ -79,6 +81,49 @@ def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None
     graph_module = outer_product_matmuls(converted.graph_module)
     edge = litert_torch.convert(graph_module, tuple(x.cpu() for x in example_inputs), quant_config=static)
     edge.export(str(path))
+    widen_16x8_biases(path)
+
+
+# LiteRT's 16x8 kernels and the bias type they take (tflite/kernels: DEPTHWISE_CONV_2D requires int64;
+# CONV_2D, FULLY_CONNECTED and TRANSPOSE_CONV take int64 as well).
+_INT64_BIAS_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
+
+
+def widen_16x8_biases(path: Path) -> int:
+    """Store the int32 biases of ops on int16 inputs as int64, in place; returns how many changed.
+
+    litert-torch 0.10's converter gives 16x8 convolutions int32 biases, which LiteRT refuses when it
+    prepares the model ("depthwise_conv.cc:177 bias->type != kTfLiteInt64 (INT32 != INT64)"). Same
+    values, wider type; a bias the converter saturated at int32's limit cannot be recovered, so that
+    raises instead."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    widened = 0
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode)) not in _INT64_BIAS_OPS:
+                continue
+            inputs = list(op.inputs)
+            if len(inputs) < 3 or inputs[2] < 0 or subgraph.tensors[inputs[0]].type != schema.TensorType.INT16:
+                continue
+            bias = subgraph.tensors[inputs[2]]
+            if bias.type != schema.TensorType.INT32:
+                continue
+            values = np.frombuffer(bytes(model.buffers[bias.buffer].data), dtype=np.int32)
+            if values.size and np.abs(values.astype(np.int64)).max() >= np.iinfo(np.int32).max:
+                raise ValueError(f"a 16x8 bias of {path.name} saturated int32 in the converter; it cannot be widened")
+            model.buffers[bias.buffer].data = np.frombuffer(values.astype(np.int64).tobytes(), dtype=np.uint8)
+            bias.type = schema.TensorType.INT64
+            widened += 1
+    if widened:
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        path.write_bytes(builder.Output())
+    return widened
 
 
 def _interpreter(path: Path):
@@ -88,7 +133,7 @@ def _interpreter(path: Path):
 
 
 def _to_input(detail: dict, x: np.ndarray) -> np.ndarray:
-    if detail["dtype"] in (np.int8, np.uint8):
+    if detail["dtype"] in _INTEGER:
         scale, zero_point = detail["quantization"]
         info = np.iinfo(detail["dtype"])
         return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(detail["dtype"])
@@ -96,7 +141,7 @@ def _to_input(detail: dict, x: np.ndarray) -> np.ndarray:
 
 
 def _from_output(detail: dict, y: np.ndarray) -> np.ndarray:
-    if detail["dtype"] in (np.int8, np.uint8):
+    if detail["dtype"] in _INTEGER:
         scale, zero_point = detail["quantization"]
         return (y.astype(np.float32) - zero_point) * scale
     return y.astype(np.float32)
@@ -129,13 +174,13 @@ def _ops(path: Path) -> tuple[list[dict], dict[int, dict]]:
 
 
 def op_counts(path: Path) -> tuple[int, int]:
-    """(compute ops on int8 inputs, compute ops on float inputs)."""
+    """(compute ops on int8 / int16 inputs, compute ops on float inputs)."""
     quantized = floating = 0
     ops, tensors = _ops(path)
     for op in ops:
         if op["op_name"] not in _COMPUTE or len(op["inputs"]) == 0 or op["inputs"][0] < 0:
             continue
-        if tensors[op["inputs"][0]]["dtype"] in (np.int8, np.uint8):
+        if tensors[op["inputs"][0]]["dtype"] in _INTEGER:
             quantized += 1
         else:
             floating += 1

@@ -35,7 +35,7 @@ def static_spec(spec: TensorQuantSpec, observer_or_fake_quant_ctr) -> Quantizati
     """A torchao QuantizationSpec for ``spec``'s integer range and scheme, observed by the given
     observer / fake-quantize constructor."""
     return QuantizationSpec(
-        dtype=torch.uint8 if spec.dtype == "uint8" else torch.int8,
+        dtype=spec.torch_dtype,
         quant_min=spec.quant_min,
         quant_max=spec.quant_max,
         qscheme=spec.qscheme,

@@ -18,7 +18,8 @@ from torchao.quantization.pt2e.observer import ObserverBase
 
 from qlightning.passes.graph import is_fake_quantize, is_learnable, quantizer_node
 
-_DTYPES = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.uint8: torch.uint8, torch.int8: torch.int8}
+_DTYPES = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.uint8: torch.uint8, torch.int8: torch.int8,
+           torch.int16: torch.int16, torch.uint16: torch.uint16}
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
 

@@ -287,3 +287,16 @@ def clone_parameter_views_into_quantizers(gm: fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+def activation_dtypes(gm: fx.GraphModule) -> list[str]:
+    """The integer dtypes a converted PT2E program quantizes activations to (``["int16"]`` for A16W8):
+    the dtype argument of every per-tensor quantize whose input is not a constant (weights stored
+    behind a quantize, ``fold_quantize=False``, read a ``get_attr``)."""
+    quantize = {torch.ops.quantized_decomposed.quantize_per_tensor.default,
+                torch.ops.quantized_decomposed.quantize_per_tensor.tensor}
+    dtypes = set()
+    for node in gm.graph.nodes:
+        if node.target in quantize and not (isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
+            dtypes.add(str(_arg(node, 5, "dtype", None)).removeprefix("torch."))
+    return sorted(dtypes)
