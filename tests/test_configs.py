@@ -56,6 +56,13 @@ def test_every_config_file_composes_and_instantiates(group, option, tmp_path):
         assert cfg.paths.output_dir == str(tmp_path)
 
 
+def test_activation_dtype_reaches_the_callback_and_the_backend_default_scheme_follows_it():
+    cfg = _compose("train", "quant.backend=tflite", "quant.activation_dtype=int16")
+    callback = _instantiate(cfg.quant, drop=("epochs",))
+    assert (callback.activation_dtype, callback.activation_scheme) == ("int16", "per_tensor_symmetric")
+    assert _instantiate(_compose("train").quant, drop=("epochs",)).activation_dtype == "uint8"
+
+
 @pytest.mark.parametrize("name", ["quantize", "export"])
 def test_the_script_configs_compose(name, tmp_path):
     cfg = _compose(name, f"ckpt_path={tmp_path / 'x.ckpt'}")
@@ -70,6 +77,7 @@ def test_the_script_configs_compose(name, tmp_path):
         ("quant.mode=graph", r"Invalid value 'graph', expected one of \[eager, fx, pt2e\]"),
         ("quant.backend=tpu", r"Invalid value 'tpu', expected one of \[fbgemm, onnxruntime, openvino, qnnpack, tflite, x86\]"),
         ("quant=qat_jit", r"Could not find 'quant/qat_jit'"),
+        ("quant.activation_dtype=int4", r"Invalid value 'int4', expected one of \[int16, int8, uint16, uint8\]"),
     ],
 )
 def test_a_typo_fails_at_compose_time_naming_the_valid_values(override, message):

@@ -69,18 +69,19 @@ def _litert_pt2e_quantizer_class(sixteen_bit: bool = False):
     ``operator.add`` (what strict export records for ``x + y``); integer adds (BatchNorm's
     ``num_batches_tracked`` under QAT) are left alone.
 
-    ``sixteen_bit`` (16x8): cat is not annotated at all. litert_converter 0.5.0's ``tfl.concatenation``
-    verifier refuses int16 operands ("must be variadic of tensor of ... QI8 type ... values, but got
-    'tensor<...!quant.uniform<i16...>>'"), so LiteRT runs the concatenation in float between
-    DEQUANTIZE and QUANTIZE (counted as a float op in the report)."""
+    ``sixteen_bit`` (16x8): a network with ``torch.cat`` is refused when it is prepared, before any
+    training. litert_converter 0.5.0's ``tfl.concatenation`` verifier refuses int16 operands ("must be
+    variadic of tensor of ... QI8 type ... values, but got 'tensor<...!quant.uniform<i16...>>'"), and
+    leaving cat unannotated does not help: the converter folds the DEQUANTIZE of its quantized inputs
+    into it all the same (measured on a split -> conv -> cat network). LiteRT's int16 CONCATENATION
+    kernel exists; the converter's op definition is what lacks it."""
     import operator
 
     import torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
 
     static_ops = [op for op in PT2EQuantizer.STATIC_OPS if op != "cat"]
-    if not sixteen_bit:
-        static_ops.insert(static_ops.index("adaptive_avg_pool2d"), "cat")
+    static_ops.insert(static_ops.index("adaptive_avg_pool2d"), "cat")
 
     _TENSOR_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
 
@@ -93,16 +94,33 @@ def _litert_pt2e_quantizer_class(sixteen_bit: bool = False):
 
         def transform_for_annotation(self, model):
             model = super().transform_for_annotation(model)
+            if sixteen_bit:
+                _refuse_16x8_concatenation(model)
             for node in model.graph.nodes:
                 if node.op != "call_function" or node.meta.get("source_fn_stack"):
                     continue
-                if node.target == torch.ops.aten.cat.default and not sixteen_bit:
+                if node.target == torch.ops.aten.cat.default:
                     node.meta["source_fn_stack"] = [(node.name, torch.cat)]
                 elif node.target in _TENSOR_ADDS and _is_float(node):
                     node.meta["source_fn_stack"] = [(node.name, operator.add)]
             return model
 
     return LiteRtPT2EQuantizer
+
+
+def _refuse_16x8_concatenation(model) -> None:
+    import torch
+
+    from qlightning.errors import QuantizationConfigError
+
+    cats = [n for n in model.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.cat.default]
+    if cats:
+        where = ", ".join(n.name for n in cats[:3]) + (", ..." if len(cats) > 3 else "")
+        raise QuantizationConfigError(
+            f"backend 'tflite' with activation_dtype='int16' cannot convert torch.cat ({len(cats)} in this network: "
+            f"{where}): LiteRT's converter (litert-converter 0.5.0) has no int16 CONCATENATION; use "
+            "activation_dtype='int8' for LiteRT, or backend 'onnxruntime' for A16W8"
+        )
 
 
 def litert_quantizer(config):
