@@ -240,10 +240,15 @@ def runtime_accuracy(fmt: str, path: Path, loader: DataLoader) -> float:
     return 100.0 * correct / total
 
 
-def float_weights(name: str, config: ZooConfig, cache: Path) -> tuple[Path, dict]:
-    """Train ``name`` in float (or reuse the cached run of the same config); returns the state dict's
-    path and ``{"float_acc": test accuracy, "train_s": seconds}``."""
-    model = MODELS.get(name)
+def _zoo_model(model: str | ZooModel) -> ZooModel:
+    return model if isinstance(model, ZooModel) else MODELS.get(model)
+
+
+def float_weights(name: str | ZooModel, config: ZooConfig, cache: Path) -> tuple[Path, dict]:
+    """Train ``name`` (a zoo model's name, or a ZooModel) in float (or reuse the cached run of the same
+    config); returns the state dict's path and ``{"float_acc": test accuracy, "train_s": seconds}``."""
+    model = _zoo_model(name)
+    name = model.name
     trained_on = {k: v for k, v in asdict(config).items()
                   if k in ("train_images", "val_images", "batch_size", "float_epochs", "float_lr", "seed", "root")}
     digest = hashlib.sha256(json.dumps(trained_on, sort_keys=True).encode()).hexdigest()[:10]
@@ -333,15 +338,20 @@ def _one_line(exc: BaseException) -> str:
     return text[0][:400] if text else type(exc).__name__
 
 
-def run_cell(name: str, method: str, target: Target, config: ZooConfig, workdir: Path, cache: Path) -> dict:
+def run_cell(name: str | ZooModel, method: str, target: Target, config: ZooConfig, workdir: Path, cache: Path,
+             activation_dtype: str | None = None) -> dict:
     """One cell: fine-tune (QAT) or calibrate (static PTQ) the float-trained network with qlightning's
-    callback, export, verify, then measure in the target runtime."""
+    callback, export, verify, then measure in the target runtime. ``activation_dtype``: the callbacks'
+    (``None``: the backend's 8-bit type; ``"int16"``: A16W8)."""
     from qlightning.callbacks import PostTrainingQuantization, QuantizationAwareTraining
 
-    model = MODELS.get(name)
+    model = _zoo_model(name)
+    name = model.name
     result = {"model": name, "method": method, "mode": target.mode, "backend": target.backend,
               "format": target.format, "status": "failed"}
-    weights, info = float_weights(name, config, cache)
+    if activation_dtype is not None:
+        result["activation_dtype"] = activation_dtype
+    weights, info = float_weights(model, config, cache)
     result["float_acc"] = info["float_acc"]
     workdir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.seed, verbose=False)
@@ -350,10 +360,11 @@ def run_cell(name: str, method: str, target: Target, config: ZooConfig, workdir:
     try:
         if method == "qat":
             callback = QuantizationAwareTraining(target.mode, target.backend, export=[target.format],
-                                                 export_dir=str(workdir))
+                                                 export_dir=str(workdir), activation_dtype=activation_dtype)
         else:
             callback = PostTrainingQuantization(target.mode, target.backend, calibration_batches=config.calibration_batches,
-                                                export=[target.format], export_dir=str(workdir))
+                                                export=[target.format], export_dir=str(workdir),
+                                                activation_dtype=activation_dtype)
         net = _network(model, target.mode, weights)
         module = _classifier(model, net, config.qat_lr)
         data = ZooDataModule(model.image_size, config)
@@ -380,8 +391,10 @@ def run_cell(name: str, method: str, target: Target, config: ZooConfig, workdir:
         status="ok",
         int8_acc=runtime_accuracy(target.format, path, data.test_dataloader()),
         size_ratio=report["size_bytes"] / report["float_size_bytes"],
+        path=report["path"],
+        size_bytes=report["size_bytes"],
         verification={k: report.get(k) for k in (
-            "sqnr_db", "fake_quant_float_sqnr_db", "runtime_float_sqnr_db", "noise_growth_db", "max_abs_diff_in_steps",
+            "activation_dtype", "sqnr_db", "fake_quant_float_sqnr_db", "runtime_float_sqnr_db", "noise_growth_db", "max_abs_diff_in_steps",
             "top1_agreement", "num_quantized_ops", "num_float_ops", "batch_size")},
     )
     if target.format == "onnx" and model.is_cnn:
