@@ -27,6 +27,7 @@ from qlightning.errors import QuantizationConfigError
 from qlightning.exporters.atomic import publish, staged_path, write_json
 from qlightning.latency import interleaved_calls_ms, ort_session
 from qlightning.models import accuracy
+from qlightning.spec import SIXTEEN_BIT_DTYPES
 
 # Keys in a config group that describe the run rather than the object the group builds.
 _DATA_INFO_KEYS = ("num_classes", "input_shape")
@@ -466,19 +467,22 @@ def format_summary(summary: dict) -> str:
     """The summary as a person reads it: one row per model (where it ran, accuracy, size, latency),
     then agreement and files."""
     ptq = summary.get("agreement_reference") == "float"
+    # The quantized rows say what they hold: "int8", or "A16W8" for 16-bit activations with int8 weights.
+    quantized = "A16W8" if summary.get("activation_dtype") in SIXTEEN_BIT_DTYPES else "int8"
     rows = [("float (fp32)", "torch", summary.get("float_acc"), summary.get("float_size_bytes"),
              summary.get("float_latency_ms"), summary.get("float_latency_ms_iqr")),
             ("fake-quant (QAT)", "torch", summary.get("fake_quant_acc"), None, None, None),
-            ("int8", summary.get("int8_runtime", "torch"), summary.get("int8_acc"), summary.get("int8_size_bytes"),
+            (quantized, summary.get("int8_runtime", "torch"), summary.get("int8_acc"), summary.get("int8_size_bytes"),
              summary.get("int8_latency_ms"), summary.get("int8_latency_ms_iqr"))]
     if ptq:
         rows.pop(1)  # PTQ trains no fake-quantized model
     if "onnx_int8_acc" in summary:
-        rows.append(("int8 ONNX", summary.get("onnx_runtime", "onnxruntime"), summary["onnx_int8_acc"],
+        rows.append((f"{quantized} ONNX", summary.get("onnx_runtime", "onnxruntime"), summary["onnx_int8_acc"],
                      summary.get("onnx_size_bytes"), summary.get("onnx_latency_ms"), summary.get("onnx_latency_ms_iqr")))
     method = "QAT" if summary.get("method") == "qat" else summary.get("method")
     head = (f"qlightning summary: {method}, mode {summary.get('mode')}, backend "
-            f"{summary.get('backend')}, observer {summary.get('observer')}")
+            f"{summary.get('backend')}, observer {summary.get('observer')}"
+            + (f", {summary['activation_dtype']} activations" if quantized != "int8" else ""))
     lines = [head, "-" * len(head),
              f"{'model':<18}{'accuracy':>10}{'size':>12}{'latency (batch 1)':>24}   runs in"]
     for name, runtime, acc, size, latency, iqr in rows:
@@ -486,7 +490,7 @@ def format_summary(summary: dict) -> str:
     samples = summary.get("val_samples")
     lines.append(f"accuracy on {samples} validation images (one image = {100 / samples:.2f} points)" if samples else "")
     reference = "float" if ptq else "fake-quant"
-    agreement = f"top-1 agreement of int8 with {reference}: {_percent(summary.get('top1_agreement'), 100)}"
+    agreement = f"top-1 agreement of {quantized} with {reference}: {_percent(summary.get('top1_agreement'), 100)}"
     if "onnx_sqnr_db" in summary:
         agreement += (f"; ONNX vs torch fake-quant: SQNR {_db(summary['onnx_sqnr_db'])}, top-1 "
                       f"{_percent(summary.get('onnx_top1_agreement'), 100)}")

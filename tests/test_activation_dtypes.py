@@ -165,3 +165,16 @@ def test_litert_16x8_refuses_a_concatenation_before_any_data_is_seen(digits):
             r"for LiteRT, or backend 'onnxruntime' for A16W8")):
         L.Trainer(**trainer_kwargs(callbacks=[ptq])).validate(model, digits.train_dataloader(), verbose=False)
     assert ptq.calibrated_batches == 0
+
+
+def test_the_job_summary_names_what_the_quantized_rows_hold():
+    from qlightning.jobs import format_summary
+
+    summary = {"method": "qat", "mode": "pt2e", "backend": "tflite", "observer": "moving_average_minmax",
+               "activation_dtype": "int16", "float_acc": 98.0, "fake_quant_acc": 97.9, "int8_acc": 97.9,
+               "onnx_int8_acc": 97.9, "top1_agreement": 1.0, "val_samples": 360}
+    text = format_summary(summary)
+    assert "int16 activations" in text.splitlines()[0]
+    assert [line.split()[0] for line in text.splitlines()[3:6]] == ["float", "fake-quant", "A16W8"]
+    assert "A16W8 ONNX" in text and "int8" not in text
+    assert "A16W8" not in format_summary(summary | {"activation_dtype": "int8"})
