@@ -2,7 +2,7 @@
 in ONNX Runtime and LiteRT); writes docs/activation_dtypes.md and docs/activation_dtypes.json.
 
     apt-get install -y dataset-fashion-mnist          # once, as root: the real files, nothing is downloaded
-    python scripts/activation_dtypes.py [--models guide_net,resnet18] [--train-images 8000] [--out docs/activation_dtypes.md]
+    python scripts/activation_dtypes.py [--models guide_net,resnet18,mobilenet_v2] [--train-images 8000] [--out docs/activation_dtypes.md]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from qlightning.zoo import ZooConfig
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="guide_net,resnet18")
+    parser.add_argument("--models", default="guide_net,resnet18,mobilenet_v2")
     parser.add_argument("--methods", default="ptq,qat")
     parser.add_argument("--workdir", default=".cache/qlightning/activation_dtypes")
     parser.add_argument("--out", default="docs/activation_dtypes.md")

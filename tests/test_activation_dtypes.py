@@ -156,13 +156,26 @@ def test_a16w8_split_cat_add_and_clamps_export_to_onnxruntime_and_verify(digits,
     assert report["num_quantized_ops"] >= 5  # conv, left, right, mix, fc (+ the add)
 
 
+def test_litert_16x8_refuses_a_padded_max_pool_at_setup():
+    """resnet's stem pool: the converter pads it with tfl.padv2, which takes no int16 (found on the zoo's resnet18)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, padding=1),
+                              torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    model = ImageClassifier(net)
+    qat = QuantizationAwareTraining("pt2e", "tflite", activation_dtype="int16", module="net")
+    with pytest.raises(QuantizationConfigError, match=r"cannot convert this network: a padded max-pool \(tfl.padv2\): 1 "
+                                                      r"\(max_pool2d\)\. LiteRT's converter"):
+        L.Trainer(**trainer_kwargs(callbacks=[qat])).fit(model, torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=4))
+    assert qat.prepared_network is None
+
+
 def test_litert_16x8_refuses_a_concatenation_before_any_data_is_seen(digits):
     model = ImageClassifier(PassNet(), lr=1e-3)
     ptq = PostTrainingQuantization("pt2e", "tflite", activation_dtype="int16", export=["tflite"])
     with pytest.raises(QuantizationConfigError, match=(
-            r"backend 'tflite' with activation_dtype='int16' cannot convert torch.cat \(1 in this network: cat\): "
-            r"LiteRT's converter \(litert-converter 0.5.0\) has no int16 CONCATENATION; use activation_dtype='int8' "
-            r"for LiteRT, or backend 'onnxruntime' for A16W8")):
+            r"backend 'tflite' with activation_dtype='int16' cannot convert this network: torch.cat "
+            r"\(tfl.concatenation\): 1 \(cat\). LiteRT's converter \(litert-converter 0.5.0\) has no int16 form of "
+            r"these ops; use activation_dtype='int8' for LiteRT, or backend 'onnxruntime' for A16W8")):
         L.Trainer(**trainer_kwargs(callbacks=[ptq])).validate(model, digits.train_dataloader(), verbose=False)
     assert ptq.calibrated_batches == 0
 

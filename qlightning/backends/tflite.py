@@ -69,12 +69,8 @@ def _litert_pt2e_quantizer_class(sixteen_bit: bool = False):
     ``operator.add`` (what strict export records for ``x + y``); integer adds (BatchNorm's
     ``num_batches_tracked`` under QAT) are left alone.
 
-    ``sixteen_bit`` (16x8): a network with ``torch.cat`` is refused when it is prepared, before any
-    training. litert_converter 0.5.0's ``tfl.concatenation`` verifier refuses int16 operands ("must be
-    variadic of tensor of ... QI8 type ... values, but got 'tensor<...!quant.uniform<i16...>>'"), and
-    leaving cat unannotated does not help: the converter folds the DEQUANTIZE of its quantized inputs
-    into it all the same (measured on a split -> conv -> cat network). LiteRT's int16 CONCATENATION
-    kernel exists; the converter's op definition is what lacks it."""
+    ``sixteen_bit`` (16x8): a network with ops the converter cannot make in 16x8 (``torch.cat``, padded
+    max-pools) is refused when it is prepared, before any training (``_refuse_16x8_unconvertible``)."""
     import operator
 
     import torch
@@ -95,7 +91,7 @@ def _litert_pt2e_quantizer_class(sixteen_bit: bool = False):
         def transform_for_annotation(self, model):
             model = super().transform_for_annotation(model)
             if sixteen_bit:
-                _refuse_16x8_concatenation(model)
+                _refuse_16x8_unconvertible(model)
             for node in model.graph.nodes:
                 if node.op != "call_function" or node.meta.get("source_fn_stack"):
                     continue
@@ -108,18 +104,37 @@ def _litert_pt2e_quantizer_class(sixteen_bit: bool = False):
     return LiteRtPT2EQuantizer
 
 
-def _refuse_16x8_concatenation(model) -> None:
-    import torch
+# Ops litert-converter 0.5.0 cannot make in 16x8, by the MLIR op whose verifier refuses int16 operands:
+# torch.cat -> tfl.concatenation; a padded max-pool (resnet's stem) -> tfl.padv2 before the pool.
+_NO_16X8 = {"torch.cat (tfl.concatenation)": lambda n: str(n.target) == "aten.cat.default",
+            "a padded max-pool (tfl.padv2)": lambda n: str(n.target) == "aten.max_pool2d.default" and _padded(n)}
 
+
+def _padded(node) -> bool:
+    padding = node.args[3] if len(node.args) > 3 else node.kwargs.get("padding", 0)
+    return any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
+
+
+def _refuse_16x8_unconvertible(model) -> None:
+    """Raise, when the network is prepared (before any data is seen), for ops LiteRT's converter cannot
+    convert with int16 activations; their verifiers refuse int16 operands ("must be ... QI8 type ...
+    values, but got 'tensor<...!quant.uniform<i16...>>'"), and leaving the op unannotated does not help:
+    the converter folds its inputs' DEQUANTIZE into it anyway (measured on split -> conv -> cat). LiteRT's
+    int16 kernels exist (CONCATENATION, PAD); the converter's op definitions are what lack them."""
     from qlightning.errors import QuantizationConfigError
 
-    cats = [n for n in model.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.cat.default]
-    if cats:
-        where = ", ".join(n.name for n in cats[:3]) + (", ..." if len(cats) > 3 else "")
+    found = {}
+    for node in model.graph.nodes:
+        for what, matches in _NO_16X8.items():
+            if node.op == "call_function" and matches(node):
+                found.setdefault(what, []).append(node.name)
+    if found:
+        listed = "; ".join(f"{what}: {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                           for what, names in found.items())
         raise QuantizationConfigError(
-            f"backend 'tflite' with activation_dtype='int16' cannot convert torch.cat ({len(cats)} in this network: "
-            f"{where}): LiteRT's converter (litert-converter 0.5.0) has no int16 CONCATENATION; use "
-            "activation_dtype='int8' for LiteRT, or backend 'onnxruntime' for A16W8"
+            f"backend 'tflite' with activation_dtype='int16' cannot convert this network: {listed}. LiteRT's "
+            "converter (litert-converter 0.5.0) has no int16 form of these ops; use activation_dtype='int8' for "
+            "LiteRT, or backend 'onnxruntime' for A16W8"
         )
 
 
