@@ -332,7 +332,10 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         report = callback.exported["onnx"]
         summary.update(
             onnx_int8_acc=round(onnx_accuracy(onnx_path, val), 2),
-            onnx_runtime=f"onnxruntime {report['runtime_version']} (int8 kernels, weights {report.get('weight_dtype')})",
+            onnx_runtime=f"onnxruntime {report['runtime_version']} ("
+                         + ("float ops between 16-bit Q/DQ: no 16-bit integer kernels on CPU"
+                            if report.get("activation_dtype") in SIXTEEN_BIT_DTYPES else "int8 kernels")
+                         + f", weights {report.get('weight_dtype')})",
             onnx_latency_ms=round(latency["onnx"]["median"], 3),
             onnx_latency_ms_iqr=round(latency["onnx"]["iqr"], 3),
             onnx_size_bytes=report["size_bytes"],
