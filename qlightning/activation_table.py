@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qlightning.models import GuideNet
@@ -133,18 +132,3 @@ def markdown(cells: list[dict], meta: dict) -> str:
             f"{lat} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def jsonable(cells: list[dict]) -> list[dict]:
-    def convert(v):
-        if isinstance(v, dict):
-            return {k: convert(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [convert(x) for x in v]
-        if isinstance(v, (np.floating, np.integer)):
-            return v.item()
-        if isinstance(v, Path):
-            return str(v)
-        return v
-
-    return [convert(c) for c in cells]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from qlightning.activation_table import jsonable, markdown, run_cells
+from qlightning.activation_table import markdown, run_cells
 from qlightning.cpu import cpu_info
 from qlightning.exporters.atomic import write_json, write_text_atomic
-from qlightning.zoo import ZooConfig
+from qlightning.zoo import ZooConfig, jsonable
 
 
 def main(argv=None) -> int:
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     write_text_atomic(out, markdown(cells, meta))
-    write_json(out.with_suffix(".json"), {"meta": meta, "cells": jsonable(cells)})
+    write_json(out.with_suffix(".json"), {"meta": meta, "cells": [jsonable(c) for c in cells]})
     print(out.read_text())
     failed = [c for c in cells if c["status"] != "ok"]
     return 1 if failed else 0

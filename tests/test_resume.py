@@ -81,6 +81,7 @@ def test_callback_state_roundtrip_and_old_checkpoints_load():
         "observer": "moving_average_minmax",
         "weight_scheme": "per_channel_symmetric",
         "activation_scheme": "per_tensor_affine",
+        "activation_dtype": "uint8",  # added with A16W8; states without it (older checkpoints) still load
         "observers_frozen": False,
         "bn_frozen": False,
     }
