@@ -18,7 +18,7 @@ from qlightning.callbacks.config import ACTIVATION_SCHEMES, WEIGHT_SCHEMES
 from qlightning.exporters import available_formats
 from qlightning.modes import available_modes
 from qlightning.observers import available_observers
-from qlightning.spec import _DTYPE_RANGES
+from qlightning.spec import DTYPE_RANGES
 
 
 def _choices(name: str, values) -> type[Enum]:
@@ -30,7 +30,7 @@ BackendName = _choices("BackendName", available_backends())
 ObserverName = _choices("ObserverName", available_observers())
 WeightScheme = _choices("WeightScheme", WEIGHT_SCHEMES)
 ActivationScheme = _choices("ActivationScheme", ACTIVATION_SCHEMES)
-ActivationDtype = _choices("ActivationDtype", sorted(_DTYPE_RANGES))
+ActivationDtype = _choices("ActivationDtype", sorted(DTYPE_RANGES))
 ExportFormatName = _choices("ExportFormatName", available_formats())
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-_DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
+DTYPE_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
 SIGNED_DTYPES = frozenset({"int8", "int16"})
 SIXTEEN_BIT_DTYPES = frozenset({"uint16", "int16"})
 # Smallest scale of a 16-bit activation quantizer: float32's epsilon, torch's observer default. The
@@ -32,9 +32,9 @@ class TensorQuantSpec:
     eps: float = 2.0**-12
 
     def __post_init__(self):
-        if self.dtype not in _DTYPE_RANGES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPE_RANGES)}, got {self.dtype!r}")
-        lo, hi = _DTYPE_RANGES[self.dtype]
+        if self.dtype not in DTYPE_RANGES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_RANGES)}, got {self.dtype!r}")
+        lo, hi = DTYPE_RANGES[self.dtype]
         if not lo <= self.quant_min < self.quant_max <= hi:
             raise ValueError(
                 f"quant range [{self.quant_min}, {self.quant_max}] does not fit {self.dtype} [{lo}, {hi}]"

@@ -9,7 +9,7 @@ from qlightning.backends import Backend, available_backends, get_backend
 from qlightning.errors import QuantizationConfigError, unknown_choice
 from qlightning.modes.registry import validate_mode
 from qlightning.observers import get_observer
-from qlightning.spec import _DTYPE_RANGES, QuantRecipe, TensorQuantSpec
+from qlightning.spec import DTYPE_RANGES, QuantRecipe, TensorQuantSpec
 
 WEIGHT_SCHEMES = ("per_channel_symmetric", "per_channel_affine", "per_tensor_symmetric", "per_tensor_affine")
 ACTIVATION_SCHEMES = ("per_tensor_affine", "per_tensor_symmetric")
@@ -36,8 +36,8 @@ def _activation_spec(backend: Backend, mode: str, dtype: str | None, scheme: str
     if dtype is None or dtype == backend.activation.dtype:
         spec, schemes = backend.activation, ACTIVATION_SCHEMES
     else:
-        if dtype not in _DTYPE_RANGES:
-            raise unknown_choice("activation dtype", dtype, _DTYPE_RANGES)
+        if dtype not in DTYPE_RANGES:
+            raise unknown_choice("activation dtype", dtype, DTYPE_RANGES)
         wide = backend.wide_activation(dtype)
         if wide is None:
             runners = [name for name in available_backends() if get_backend(name).wide_activation(dtype)]
