@@ -94,7 +94,7 @@ class PostTrainingQuantization(Callback):
             )
         if not isinstance(dynamic, bool):
             raise QuantizationConfigError(f"dynamic must be True or False, got {dynamic!r}")
-        if dynamic and activation_dtype is not None and self.recipe.activation.bits != 8:
+        if dynamic and self.recipe.activation.bits != 8:
             raise QuantizationConfigError(
                 f"activation_dtype={activation_dtype!r} needs static quantization (dynamic=False): dynamic PTQ "
                 "quantizes activations at run time with 8-bit int8 kernels"

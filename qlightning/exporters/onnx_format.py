@@ -65,12 +65,16 @@ def write_qdq(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> 
     onnx.save(model, str(path))
 
 
+def _sixteen_bit_activations(gm: torch.fx.GraphModule) -> bool:
+    from qlightning.passes.graph import activation_dtypes
+
+    return bool(set(activation_dtypes(gm)) & SIXTEEN_BIT_DTYPES)
+
+
 def _opset_for(gm: torch.fx.GraphModule) -> dict:
     """16-bit activations need opset 21 (QuantizeLinear / DequantizeLinear took only 8-bit integers
     before); 8-bit files keep torch.onnx's default opset, the one their ORT fusions were measured on."""
-    from qlightning.passes.graph import activation_dtypes
-
-    return {"opset_version": 21} if set(activation_dtypes(gm)) & SIXTEEN_BIT_DTYPES else {}
+    return {"opset_version": 21} if _sixteen_bit_activations(gm) else {}
 
 
 def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
@@ -79,10 +83,8 @@ def write(converted: torch.nn.Module, example_inputs: tuple, path: Path) -> None
     ORT has no 16x8 integer kernel to saturate, it runs their ops in float between Q/DQ."""
     import onnx
 
-    from qlightning.passes.graph import activation_dtypes
-
     write_qdq(converted, example_inputs, path)
-    if u8s8_saturates() and not set(activation_dtypes(converted.graph_module)) & SIXTEEN_BIT_DTYPES:
+    if u8s8_saturates() and not _sixteen_bit_activations(converted.graph_module):
         model = onnx.load(str(path))
         if unsigned_weights(model):
             onnx.save(model, str(path))
