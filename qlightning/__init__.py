@@ -22,6 +22,7 @@ from qlightning.backends import available_backends, get_backend, register_backen
 from qlightning.callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from qlightning.errors import ExportVerificationError, QuantizationConfigError, UntraceableModelError
 from qlightning.exporters import available_formats, export
+from qlightning.layers import LayerError, LayerReport, compare_layers
 from qlightning.modes import available_modes
 from qlightning.monitoring import QParamMonitor
 from qlightning.observers import available_observers, register_observer
@@ -30,6 +31,9 @@ from qlightning.quantized_engine import quantized_engine
 __all__ = [
     "ExportVerificationError",
     "available_formats",
+    "compare_layers",
+    "LayerError",
+    "LayerReport",
     "export",
     "PostTrainingQuantization",
     "QParamMonitor",

@@ -17,7 +17,7 @@ from qlightning.backends import available_backends
 from qlightning.callbacks.config import ACTIVATION_SCHEMES, WEIGHT_SCHEMES
 from qlightning.exporters import available_formats
 from qlightning.modes import available_modes
-from qlightning.observers import available_observers
+from qlightning.observers import available_observers, get_observer
 from qlightning.spec import DTYPE_RANGES
 
 
@@ -28,6 +28,10 @@ def _choices(name: str, values) -> type[Enum]:
 Mode = _choices("Mode", available_modes())
 BackendName = _choices("BackendName", available_backends())
 ObserverName = _choices("ObserverName", available_observers())
+# QAT refuses the calibration methods of PTQ (percentile, entropy, mse): a QAT config fails at compose time.
+QatObserverName = _choices(
+    "QatObserverName", [o for o in available_observers() if not get_observer(o).calibration_only]
+)
 WeightScheme = _choices("WeightScheme", WEIGHT_SCHEMES)
 ActivationScheme = _choices("ActivationScheme", ACTIVATION_SCHEMES)
 ActivationDtype = _choices("ActivationDtype", sorted(DTYPE_RANGES))
@@ -46,6 +50,8 @@ class _QuantSchema:
     # null: the backend's 8-bit activations; int16 / uint16: A16W8 where the backend's runtime runs it.
     activation_dtype: Optional[ActivationDtype] = None
     merge_relu: bool = True
+    # Layers kept float: module names, 're:'-prefixed regular expressions, 'class:<import path>' entries.
+    skip: list[str] = field(default_factory=list)
     export: list[ExportFormatName] = field(default_factory=lambda: [ExportFormatName.onnx])
     export_dir: Optional[str] = None
 
@@ -53,7 +59,7 @@ class _QuantSchema:
 @dataclass
 class QatSchema(_QuantSchema):
     _target_: str = "qlightning.QuantizationAwareTraining"
-    observer: ObserverName = ObserverName.moving_average_minmax
+    observer: QatObserverName = QatObserverName.moving_average_minmax
     freeze_bn_epoch: Optional[int] = None
     freeze_observers_epoch: Optional[int] = None
     fold_bn: bool = True
@@ -67,6 +73,9 @@ class PtqSchema(_QuantSchema):
     observer: ObserverName = ObserverName.histogram
     dynamic: bool = False
     calibration_batches: int = 32
+    # observer=percentile only: the share of values, in %, each activation range keeps, in (50, 100];
+    # null: 99.99. PostTrainingQuantization checks the range and refuses it with other observers.
+    percentile: Optional[float] = None
 
 
 def register() -> None:

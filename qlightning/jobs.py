@@ -227,7 +227,8 @@ def quantize(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 
 # What a QAT checkpoint records of its quant config (QuantizationAwareTraining.state_dict).
-_CHECKPOINTED_QUANT_KEYS = ("mode", "backend", "observer", "weight_scheme", "activation_scheme", "activation_dtype")
+_CHECKPOINTED_QUANT_KEYS = ("mode", "backend", "observer", "weight_scheme", "activation_scheme", "activation_dtype",
+                            "skip")
 
 
 def export_checkpoint(cfg: DictConfig, output_dir: str | Path, overrides: tuple[str, ...] = ()) -> dict:
@@ -308,6 +309,7 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         "backend": callback.backend.name,
         "observer": callback.observer,
         "activation_dtype": callback.activation_dtype,
+        "skipped_layers": list(callback.skipped_layers),
         "float_acc": round(accuracy(float_model, val), 2),
         # PTQ has no fake-quantized training model; its int8 model is compared with the float one.
         "fake_quant_acc": None if fake_quant_model is None else round(accuracy(fake_quant_model, val), 2),

@@ -68,6 +68,9 @@ class QuantRecipe:
     activation: TensorQuantSpec
     weight: TensorQuantSpec
     observer: str
+    # Keyword options of the activation observer (``ObserverChoice.options``), as (name, value) pairs,
+    # e.g. (("percentile", 99.99),); empty: the observer's defaults.
+    observer_options: tuple[tuple[str, float], ...] = ()
 
 
 def qparams_from_range(min_val: float, max_val: float, spec: TensorQuantSpec) -> tuple[float, int]:

@@ -18,7 +18,7 @@ from tests.conftest import trainer_kwargs
         (dict(backend="tpu"), r"unknown backend 'tpu'; valid backends are: 'fbgemm', 'onnxruntime', 'openvino', 'qnnpack', 'tflite', 'x86'"),
         (
             dict(observer="kl"),
-            r"unknown observer 'kl'; valid observers are: 'histogram', 'lsq', 'minmax', 'moving_average_minmax'",
+            r"unknown observer 'kl'; valid observers are: 'entropy', 'histogram', 'lsq', 'minmax', 'moving_average_minmax', 'mse', 'percentile'",
         ),
         (dict(freeze_bn_epoch=-1), r"freeze_bn_epoch must be None or an epoch number >= 0, got -1"),
         (dict(freeze_observers_epoch=1.5), r"freeze_observers_epoch must be None or an epoch number >= 0, got 1.5"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -11,12 +12,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from qlightning.calibration import DEFAULT_PERCENTILE, check_percentile
 from qlightning.callbacks.config import build_recipe, check_flag, check_modules_to_fuse
 from qlightning.callbacks.exporting import check_export_formats, export_formats, first_element_inputs, pass_check_inputs
 from qlightning.callbacks.target import check_float_network, resolve_example_inputs, resolve_network
 from qlightning.distributed import sync_quantizer_statistics
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
+from qlightning.skip import SkipEntry, check_skip, resolve_skip
 from qlightning.observers import available_observers, get_observer
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -51,7 +54,13 @@ class PostTrainingQuantization(Callback):
     Args:
         mode, backend, observer, module, example_inputs, weight_scheme, activation_scheme, activation_dtype,
             modules_to_fuse: as for :class:`~qlightning.QuantizationAwareTraining` (``observer`` must
-            be one that calibrates: not ``"lsq"``, which learns its qparams by training).
+            be one that calibrates: not ``"lsq"``, which learns its qparams by training). PTQ also takes
+            the calibration methods ``"percentile"``, ``"entropy"`` (KL divergence, TensorRT's) and
+            ``"mse"``, which pick each activation range from a histogram of the calibration data
+            (:mod:`qlightning.calibration`); weights keep min/max.
+        percentile: with ``observer="percentile"``: the share of observed values, in %, each activation
+            range keeps, in (50, 100] (default 99.99; 100 is min/max).
+        skip: layers kept float, as for :class:`~qlightning.QuantizationAwareTraining` (static and dynamic).
         dynamic: dynamic instead of static quantization.
         calibration_batches: number of batches to calibrate static quantization on.
         batch_to_inputs: turns a batch into the network's positional inputs; default: the batch if
@@ -71,12 +80,14 @@ class PostTrainingQuantization(Callback):
         dynamic: bool = False,
         calibration_batches: int = 32,
         *,
+        percentile: float | None = None,
         module: str | None = None,
         example_inputs: Any = None,
         weight_scheme: str = "per_channel_symmetric",
         activation_scheme: str | None = None,
         activation_dtype: str | None = None,
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
+        skip: Sequence[SkipEntry] | None = None,
         batch_to_inputs: Callable[[Any], tuple] | None = None,
         merge_relu: bool = True,
         export: Sequence[str] | None = None,
@@ -87,11 +98,23 @@ class PostTrainingQuantization(Callback):
         )
         self.activation_dtype = self.recipe.activation.dtype
         if get_observer(observer).learnable:
-            calibrating = [o for o in available_observers() if not get_observer(o).learnable]
+            calibrating = [o for o in available_observers()
+                           if not get_observer(o).learnable and not get_observer(o).calibration_only]
+            methods = [o for o in available_observers() if get_observer(o).calibration_only]
             raise QuantizationConfigError(
                 f"observer {observer!r} learns its qparams by gradient descent, which needs training: use "
-                f"QuantizationAwareTraining, or one of the calibrating observers {calibrating} for PTQ"
+                f"QuantizationAwareTraining, or one of the calibrating observers {calibrating} or calibration "
+                f"methods {methods} for PTQ"
             )
+        if percentile is not None and "percentile" not in get_observer(observer).options:
+            raise QuantizationConfigError(
+                f"percentile={percentile!r} applies to observer='percentile' only, got observer={observer!r}"
+            )
+        # The share of values the activation ranges keep; None unless observer="percentile".
+        self.percentile: float | None = None
+        if "percentile" in get_observer(observer).options:
+            self.percentile = check_percentile(DEFAULT_PERCENTILE if percentile is None else percentile)
+            self.recipe = dataclasses.replace(self.recipe, observer_options=(("percentile", self.percentile),))
         if not isinstance(dynamic, bool):
             raise QuantizationConfigError(f"dynamic must be True or False, got {dynamic!r}")
         if dynamic and self.recipe.activation.bits != 8:
@@ -104,6 +127,9 @@ class PostTrainingQuantization(Callback):
                 f"calibration_batches must be an integer >= 1, got {calibration_batches!r}"
             )
         check_modules_to_fuse(mode, modules_to_fuse)
+        self.skip = check_skip(skip)
+        # Module names of the network kept float, found at setup (fusion partners included).
+        self.skipped_layers: tuple[str, ...] = ()
         check_flag("merge_relu", merge_relu)
         self.merge_relu = merge_relu
         self.export = check_export_formats(export, self.backend.name)
@@ -164,6 +190,7 @@ class PostTrainingQuantization(Callback):
         self._impl = get_mode(self.mode)
         network = getattr(pl_module, self._attr)
         check_float_network(network, self._attr)
+        self.skipped_layers = resolve_skip(network, self.skip)
         self._check_layers(network)
         if stage == "fit":
             # Quantization happens after training: find out now if the network cannot be captured
@@ -195,12 +222,14 @@ class PostTrainingQuantization(Callback):
     def _prepare(self, network: nn.Module) -> nn.Module:
         with _normal_tensors():
             return self._impl.prepare_ptq(
-                network, self._example, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse
+                network, self._example, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse,
+                skip=self.skipped_layers,
             )
 
     def _quantize_without_data(self, network: nn.Module) -> nn.Module:
         with _normal_tensors():
-            return self._impl.quantize_dynamic(network, self._example, self.recipe, self.backend)
+            return self._impl.quantize_dynamic(network, self._example, self.recipe, self.backend,
+                                               skip=self.skipped_layers)
 
     # -- fit route: calibrate on the train loader when training ends ------------------------------
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

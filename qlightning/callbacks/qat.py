@@ -17,6 +17,8 @@ from qlightning.callbacks.target import check_float_network, resolve_example_inp
 from qlightning.distributed import sync_quantizer_statistics, sync_running_stats
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
+from qlightning.skip import SkipEntry, check_skip, resolve_skip, skip_labels
+from qlightning.observers import available_observers, get_observer
 
 
 # Bumped when the checkpointed callback state changes shape; older states must still load.
@@ -41,6 +43,10 @@ class QuantizationAwareTraining(Callback):
             with 8-bit weights (A16W8: ``"int16"`` for ``onnxruntime`` and ``tflite``, ``"uint16"`` for
             ``onnxruntime``); ``mode="pt2e"`` only.
         modules_to_fuse: eager mode only: groups of submodule names to fuse, instead of the ones found.
+        skip: layers kept float in training, the int8 model and every export: module names as in the
+            network's ``named_modules()`` (``"fc2"``), ``re:``-prefixed regular expressions matching whole
+            names, or ``nn.Module`` classes (``"class:<import path>"`` in configs). A skipped layer keeps its
+            fusion group (conv-bn-relu) float with it; :attr:`skipped_layers` lists what was kept float.
         fold_bn: at fit end, fold BatchNorm into the QAT conv/linear layers before conversion.
         merge_relu: at fit end, merge ReLU/clamp into the following quantizer's qparams (FX, PT2E).
         export / export_dir: formats to export at fit end (``["onnx"]``, ``"pt2"``) under ``export_dir``
@@ -65,6 +71,7 @@ class QuantizationAwareTraining(Callback):
         activation_scheme: str | None = None,
         activation_dtype: str | None = None,
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
+        skip: Sequence[SkipEntry] | None = None,
         fold_bn: bool = True,
         merge_relu: bool = True,
         export: Sequence[str] | None = None,
@@ -74,9 +81,19 @@ class QuantizationAwareTraining(Callback):
             mode, backend, observer, weight_scheme, activation_scheme, activation_dtype
         )
         self.mode, self.observer = mode, observer
+        if get_observer(observer).calibration_only:
+            usable = [o for o in available_observers() if not get_observer(o).calibration_only]
+            raise QuantizationConfigError(
+                f"observer {observer!r} is a calibration method of post-training quantization (a search over a "
+                f"histogram when the model is converted), not for QAT, which updates its qparams every step: use "
+                f"PostTrainingQuantization(observer={observer!r}), or one of {usable} for QAT"
+            )
         check_epoch("freeze_bn_epoch", freeze_bn_epoch)
         check_epoch("freeze_observers_epoch", freeze_observers_epoch)
         check_modules_to_fuse(mode, modules_to_fuse)
+        self.skip = check_skip(skip)
+        # Module names of the network kept float, found at setup (fusion partners included).
+        self.skipped_layers: tuple[str, ...] = ()
         check_flag("fold_bn", fold_bn)
         check_flag("merge_relu", merge_relu)
         self.fold_bn, self.merge_relu = fold_bn, merge_relu
@@ -121,6 +138,7 @@ class QuantizationAwareTraining(Callback):
             "weight_scheme": self.weight_scheme,
             "activation_scheme": self.activation_scheme,
             "activation_dtype": self.activation_dtype,
+            "skip": skip_labels(self.skip),
         }
 
     def _check_config_matches(self, state: dict, source: str) -> None:
@@ -155,8 +173,10 @@ class QuantizationAwareTraining(Callback):
         self._impl = get_mode(self.mode)
         network = getattr(pl_module, self._attr)
         check_float_network(network, self._attr)
+        self.skipped_layers = resolve_skip(network, self.skip)
         prepared = self._impl.prepare_qat(
-            network, example_inputs, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse
+            network, example_inputs, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse,
+            skip=self.skipped_layers,
         )
         # Replacing the attribute before optimizers exist makes configure_optimizers see the
         # prepared parameters (the fused, fake-quantized ones, LSQ scales included).

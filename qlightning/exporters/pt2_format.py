@@ -39,6 +39,11 @@ def run(path: Path, inputs: tuple) -> np.ndarray:
     return np.concatenate([o.reshape(o.shape[0], -1).numpy() for o in outputs], axis=1)
 
 
+# Ops whose second argument is a weight.
+_WEIGHTED = {"aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default",
+             "aten.conv_transpose2d.input"}
+
+
 def op_counts(path: Path) -> tuple[int, int]:
     program = _load(path)
     dequantized = set()
@@ -51,7 +56,9 @@ def op_counts(path: Path) -> tuple[int, int]:
             if "dequantize" in name:
                 dequantized.add(node)
             continue
-        if any(arg in dequantized for arg in node.all_input_nodes):
+        weight = node.args[1] if name in _WEIGHTED and len(node.args) > 1 else None
+        # A layer kept float (skip=) reads a dequantized activation but a float weight.
+        if any(arg in dequantized for arg in node.all_input_nodes) and (weight is None or weight in dequantized):
             quantized += 1
         elif "aten." in name and not any(s in name for s in ("view", "reshape", "flatten", "sym_size", "getitem")):
             floating += 1

@@ -10,6 +10,7 @@ from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
+from qlightning.calibration_ao import observer_class
 from qlightning.errors import QuantizationConfigError
 from qlightning.observers import get_observer
 from qlightning.spec import QuantRecipe, TensorQuantSpec, fused_kernel_keeps
@@ -58,14 +59,15 @@ def _spec_kwargs(spec: TensorQuantSpec) -> dict:
     return kwargs
 
 
-def observer_ctor(spec: TensorQuantSpec, observer_name: str):
-    """A ``with_args`` constructor of the (calibration) observer for one kind of tensor."""
-    return getattr(tq.observer, observer_name).with_args(**_spec_kwargs(spec))
+def observer_ctor(spec: TensorQuantSpec, observer_name: str, **options):
+    """A ``with_args`` constructor of the (calibration) observer for one kind of tensor (``options``: the
+    observer's keyword options, e.g. ``percentile``)."""
+    return observer_class(observer_name).with_args(**_spec_kwargs(spec), **options)
 
 
 def fake_quant_ctor(spec: TensorQuantSpec, observer_name: str, learnable: bool):
     """A ``with_args`` constructor of the fake-quantize module for one kind of tensor."""
-    kwargs = dict(observer=getattr(tq.observer, observer_name), **_spec_kwargs(spec))
+    kwargs = dict(observer=observer_class(observer_name), **_spec_kwargs(spec))
     if learnable:
         return LearnableFakeQuantize.with_args(**kwargs)
     if fused_kernel_keeps(spec, observer_name):
@@ -89,7 +91,7 @@ def ptq_qconfig(recipe: QuantRecipe) -> tq.QConfig:
     choice = get_observer(recipe.observer)
     weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
     return tq.QConfig(
-        activation=observer_ctor(recipe.activation, choice.activation_observer),
+        activation=observer_ctor(recipe.activation, choice.activation_observer, **dict(recipe.observer_options)),
         weight=observer_ctor(recipe.weight, weight_observer),
     )
 

@@ -14,21 +14,10 @@ from qlightning.backends import Backend
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes import _ao
 from qlightning.modes.base import QuantMode, statistics_quantizers
+from qlightning.modes.fusion import _FUSABLE, find_modules_to_fuse, input_modules  # noqa: F401 - find_modules_to_fuse is eager's API
 from qlightning.observers import get_observer
 from qlightning.quantized_engine import bind_quantized_engine, quantized_engine
 from qlightning.spec import QuantRecipe
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Sequences ``fuse_modules_qat`` accepts, longest first so conv-bn-relu wins over conv-bn.
-_FUSABLE = [
-    (_CONV, _BN, (nn.ReLU,)),
-    (_CONV, _BN),
-    (_CONV, (nn.ReLU,)),
-    ((nn.Linear,), (nn.BatchNorm1d,)),
-    ((nn.Linear,), (nn.ReLU,)),
-    (_BN, (nn.ReLU,)),
-]
 
 
 class EagerQuantWrapper(nn.Module):
@@ -44,51 +33,54 @@ class EagerQuantWrapper(nn.Module):
         return self.dequant(self.net(self.quant(x)))
 
 
-def _module_chains(net: nn.Module) -> list[list[str]]:
-    """Chains of submodule calls in execution order where each output feeds only the next call.
+class FloatRegion(nn.Module):
+    """A run of ``skip``ped modules kept float inside an eager int8 network.
 
-    Found from an FX trace when the network is traceable; otherwise from ``nn.Sequential``
-    containers, whose order is their execution order.
+    Eager conversion swaps modules and never inserts quantize / dequantize by itself, so the edges
+    of a float region are explicit: the region's first module dequantizes what arrives (a no-op on a
+    float tensor) and its last re-quantizes what leaves, for the int8 module after it. ``qconfig =
+    None`` on the wrapped module keeps it, and everything inside it, float.
     """
-    try:
-        graph = torch.fx.symbolic_trace(net).graph
-    except Exception:
-        chains = []
-        for prefix, module in net.named_modules():
-            if isinstance(module, nn.Sequential):
-                names = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_children()]
-                chains.append(names)
-        return chains
-    chains, current = [], []
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        if current and not (len(node.args) == 1 and node.args[0] is current[-1] and len(current[-1].users) == 1):
-            chains.append([n.target for n in current])
-            current = []
-        current.append(node)
-    if current:
-        chains.append([n.target for n in current])
-    return chains
+
+    def __init__(self, module: nn.Module, enters: bool, leaves: bool):
+        super().__init__()
+        self.dequant = tq.DeQuantStub() if enters else None
+        self.module = module
+        self.module.qconfig = None
+        self.quant = tq.QuantStub() if leaves else None
+
+    def forward(self, *args, **kwargs):
+        if self.dequant is not None:
+            args = tuple(self.dequant(a) if isinstance(a, torch.Tensor) else a for a in args)
+        out = self.module(*args, **kwargs)
+        return self.quant(out) if self.quant is not None else out
 
 
-def find_modules_to_fuse(net: nn.Module) -> list[list[str]]:
-    """conv-bn(-relu), conv-relu, linear-bn, linear-relu and bn-relu groups, found automatically."""
-    groups = []
-    for chain in _module_chains(net):
-        i = 0
-        while i < len(chain):
-            for pattern in _FUSABLE:
-                names = chain[i : i + len(pattern)]
-                if len(names) == len(pattern) and all(
-                    isinstance(net.get_submodule(n), types) for n, types in zip(names, pattern)
-                ):
-                    groups.append(names)
-                    i += len(pattern)
-                    break
-            else:
-                i += 1
-    return groups
+def float_region_edges(network: nn.Module, skip) -> dict[str, tuple[bool, bool]]:
+    """For each ``skip``ped module of the float ``network``: (enters a float region, leaves it).
+    Consecutive skipped modules of one call chain (conv-bn-relu kept float together) form one region,
+    so values cross a single dequantize / quantize pair, not one per module. Read before fusion,
+    which hides the chain inside fused modules."""
+    from qlightning.modes.fusion import module_chains
+
+    enters = {name: True for name in skip}
+    leaves = {name: True for name in skip}
+    if skip:
+        for chain in module_chains(network):
+            for before, after in zip(chain, chain[1:]):
+                if before in enters and after in enters:
+                    leaves[before] = False
+                    enters[after] = False
+    return {name: (enters[name], leaves[name]) for name in skip}
+
+
+def keep_float(network: nn.Module, edges: dict[str, tuple[bool, bool]]) -> None:
+    """Replace modules of ``network`` by :class:`FloatRegion` wrappers, in place (``edges``: from
+    :func:`float_region_edges`)."""
+    for name, (enters, leaves) in edges.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = network.get_submodule(parent_name)
+        setattr(parent, attr, FloatRegion(getattr(parent, attr), enters, leaves))
 
 
 def _check_fusion_groups(network: nn.Module, groups: list[list[str]]) -> None:
@@ -120,7 +112,18 @@ def _shown(names: list[str], limit: int = 3) -> str:
 class EagerMode(QuantMode):
     name = "eager"
 
-    def _wrap_and_fuse(self, network, example_inputs, modules_to_fuse, qat: bool) -> nn.Module:
+    def _wrap_and_fuse(self, network, example_inputs, modules_to_fuse, qat: bool, skip=()) -> nn.Module:
+        edges = float_region_edges(network, skip)
+        first = input_modules(network) if skip else []
+        prepared = self._wrap_and_fuse_all(network, example_inputs, modules_to_fuse, qat)
+        # After fusion: a skipped conv-bn-relu is fused like the others and then kept float whole.
+        keep_float(prepared.net if isinstance(prepared, EagerQuantWrapper) else prepared, edges)
+        if isinstance(prepared, EagerQuantWrapper) and first and all(name in edges for name in first):
+            # Only float layers read the input: quantizing it would add rounding and nothing else.
+            prepared.quant = nn.Identity()
+        return prepared
+
+    def _wrap_and_fuse_all(self, network, example_inputs, modules_to_fuse, qat: bool) -> nn.Module:
         if len(example_inputs) != 1:
             raise self.untraceable(
                 network, TypeError(f"eager mode wraps a single tensor input, got {len(example_inputs)} inputs")
@@ -167,8 +170,9 @@ class EagerMode(QuantMode):
                 (tq.fuse_modules_qat if qat else tq.fuse_modules)(network, groups, inplace=True)
         return network
 
-    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None, **_):
-        wrapper = self._wrap_and_fuse(network, example_inputs, modules_to_fuse, qat=True)
+    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None,
+                    skip=(), **_):
+        wrapper = self._wrap_and_fuse(network, example_inputs, modules_to_fuse, qat=True, skip=skip)
         wrapper.qconfig = _ao.qat_qconfig(recipe)
         tq.prepare_qat(wrapper, inplace=True)
         _ao.check_fused_bn_gamma(wrapper, self.name)
@@ -177,18 +181,22 @@ class EagerMode(QuantMode):
             _ao.seed_lsq(wrapper, example_inputs)
         return wrapper
 
-    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None, **_):
-        wrapper = self._wrap_and_fuse(copy.deepcopy(network), example_inputs, modules_to_fuse, qat=False)
+    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, modules_to_fuse=None,
+                    skip=(), **_):
+        wrapper = self._wrap_and_fuse(copy.deepcopy(network), example_inputs, modules_to_fuse, qat=False, skip=skip)
         wrapper.qconfig = _ao.ptq_qconfig(recipe)
         tq.prepare(wrapper, inplace=True)
         self._check_convertible(wrapper, example_inputs, backend)
         return wrapper
 
-    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, skip=(), **_):
         qconfig = _ao.dynamic_qconfig(recipe)
         model = copy.deepcopy(network).cpu().eval()
+        # Dynamic layers take and return float tensors: a skipped one only needs no qconfig (a name
+        # entry outranks the type entries in torch.ao's propagation).
+        spec = {**{layer: qconfig for layer in _ao.DYNAMIC_LAYERS}, **{name: None for name in skip}}
         with quantized_engine(backend.engine):
-            quantized = tq.quantize_dynamic(model, {layer: qconfig for layer in _ao.DYNAMIC_LAYERS})
+            quantized = tq.quantize_dynamic(model, spec)
         return bind_quantized_engine(quantized, backend.engine)
 
     def _check_convertible(self, wrapper, example_inputs, backend):

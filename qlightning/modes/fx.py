@@ -39,6 +39,15 @@ def dynamic_qconfig_mapping(recipe: QuantRecipe) -> tq.QConfigMapping:
     return tq.QConfigMapping().set_global(qconfig)
 
 
+def keep_float(mapping: tq.QConfigMapping, skip) -> tq.QConfigMapping:
+    """``mapping`` with no qconfig for the ``skip``ped modules (and so their submodules): FX leaves
+    them float and puts dequantize / quantize at their edges. Module names outrank the object-type
+    entries of the fixed-qparams ops in QConfigMapping's priority order."""
+    for name in skip:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
 def training_dependent_leaves(network: torch.nn.Module) -> list[type]:
     """Classes of parameter-free modules outside torch.nn whose forward reads ``self.training``
     (torchvision's StochasticDepth, timm's DropPath). Symbolic tracing evaluates ``self.training``
@@ -90,22 +99,23 @@ class FxMode(QuantMode):
         )
         return prepared
 
-    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
-        mapping = qconfig_mapping(_ao.qat_qconfig(recipe), backend.engine, qat=True)
+    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, skip=(), **_):
+        mapping = keep_float(qconfig_mapping(_ao.qat_qconfig(recipe), backend.engine, qat=True), skip)
         prepared = self._prepare(prepare_qat_fx, network.train(), mapping, example_inputs, backend)
         _ao.check_fused_bn_gamma(prepared, self.name)
         if get_observer(recipe.observer).learnable:
             _ao.seed_lsq(prepared, example_inputs)
         return prepared
 
-    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
-        mapping = qconfig_mapping(_ao.ptq_qconfig(recipe), backend.engine, qat=False)
+    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, skip=(), **_):
+        mapping = keep_float(qconfig_mapping(_ao.ptq_qconfig(recipe), backend.engine, qat=False), skip)
         return self._prepare(prepare_fx, copy.deepcopy(network).eval(), mapping, example_inputs, backend)
 
-    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, skip=(), **_):
         model = copy.deepcopy(network).cpu().eval()
         example_inputs = tuple(x.cpu() if hasattr(x, "cpu") else x for x in example_inputs)
-        prepared = self._prepare(prepare_fx, model, dynamic_qconfig_mapping(recipe), example_inputs, backend)
+        mapping = keep_float(dynamic_qconfig_mapping(recipe), skip)
+        prepared = self._prepare(prepare_fx, model, mapping, example_inputs, backend)
         return self.convert(prepared, backend)
 
     def convert(self, prepared, backend):

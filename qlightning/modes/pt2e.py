@@ -13,7 +13,9 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, 
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
 from qlightning.backends import Backend
+from qlightning.calibration_pt2e import observer_class
 from qlightning.modes.base import QuantMode, batch_of_two, dynamic_batch
+from qlightning.modes.pt2e_skip import skipping_quantizer
 from qlightning.modes.pt2e_dynamic import (
     DynamicLinearRnnQuantizer,
     dynamic_activation_spec,
@@ -179,12 +181,13 @@ class ExportedNetwork(nn.Module):
 
 
 def quantization_spec(
-    spec: TensorQuantSpec, observer_name: str, learnable: bool, qat: bool = True
+    spec: TensorQuantSpec, observer_name: str, learnable: bool, qat: bool = True, **options
 ) -> QuantizationSpec:
+    """``options``: keyword options of the observer (``QuantRecipe.observer_options``, activations only)."""
     if not qat:
         # Static PTQ: plain observers, calibrated then converted; nothing is fake-quantized.
-        return observer_spec(spec, observer_name)
-    observer = getattr(ao_observer, observer_name)
+        return observer_spec(spec, observer_name, **options)
+    observer = observer_class(observer_name).with_args(**options) if options else observer_class(observer_name)
     if learnable:
         ctor = ao_pt2e.LearnableFakeQuantize.with_args(observer=observer, use_grad_scaling=True, eps=spec.eps)
     elif fused_kernel_keeps(spec, observer_name):  # symmetric specs: see fused_kernel_keeps
@@ -197,7 +200,8 @@ def quantization_spec(
 def quantization_config(recipe: QuantRecipe, qat: bool) -> QuantizationConfig:
     choice = get_observer(recipe.observer)
     weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
-    activation = quantization_spec(recipe.activation, choice.activation_observer, choice.learnable, qat)
+    activation = quantization_spec(recipe.activation, choice.activation_observer, choice.learnable, qat,
+                                   **dict(recipe.observer_options))
     weight = quantization_spec(recipe.weight, weight_observer, choice.learnable, qat)
     return QuantizationConfig(activation, activation, weight, None, is_qat=qat)
 
@@ -238,8 +242,8 @@ class Pt2eMode(QuantMode):
         except Exception as exc:  # noqa: BLE001 - torch.export raises many exception types
             raise self.untraceable(network, exc) from exc
 
-    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
-        quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=True))
+    def prepare_qat(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, skip=(), **_):
+        quantizer = skipping_quantizer(backend.pt2e_quantizer(quantization_config(recipe, qat=True)), skip)
         graph_module = prepare_qat_pt2e(self._export(network.train(), example_inputs), quantizer)
         unscale_by_reciprocal(graph_module)
         clone_parameter_views_into_quantizers(graph_module)
@@ -255,8 +259,8 @@ class Pt2eMode(QuantMode):
                     fq.enable_range_learning()
         return prepared
 
-    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
-        quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=False))
+    def prepare_ptq(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, skip=(), **_):
+        quantizer = skipping_quantizer(backend.pt2e_quantizer(quantization_config(recipe, qat=False)), skip)
         was_training = network.training
         exported = self._export(network.eval(), example_inputs)
         network.train(was_training)
@@ -265,12 +269,12 @@ class Pt2eMode(QuantMode):
         clone_parameter_views_into_quantizers(observed)
         return ExportedNetwork(observed, inference_only=True)
 
-    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, **_):
+    def quantize_dynamic(self, network, example_inputs, recipe: QuantRecipe, backend: Backend, skip=(), **_):
         choice = get_observer(recipe.observer)
         weight_observer = choice.weight_per_channel_observer if recipe.weight.per_channel else choice.weight_observer
-        quantizer = DynamicLinearRnnQuantizer(
+        quantizer = skipping_quantizer(DynamicLinearRnnQuantizer(
             dynamic_activation_spec(recipe.activation), observer_spec(recipe.weight, weight_observer)
-        )
+        ), skip)
         was_training = network.training
         exported = self._export(network.eval(), example_inputs)
         network.train(was_training)

@@ -12,6 +12,7 @@ import torch
 from torchao.quantization.pt2e import observer as ao_observer
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
+from qlightning.calibration_pt2e import observer_class
 from qlightning.spec import TensorQuantSpec
 
 aten = torch.ops.aten
@@ -45,8 +46,9 @@ def static_spec(spec: TensorQuantSpec, observer_or_fake_quant_ctr) -> Quantizati
     )
 
 
-def observer_spec(spec: TensorQuantSpec, observer_name: str) -> QuantizationSpec:
-    return static_spec(spec, getattr(ao_observer, observer_name).with_args(eps=spec.eps))
+def observer_spec(spec: TensorQuantSpec, observer_name: str, **options) -> QuantizationSpec:
+    """A spec observed by the named observer class (``options``: its keyword options, e.g. ``percentile``)."""
+    return static_spec(spec, observer_class(observer_name).with_args(eps=spec.eps, **options))
 
 
 class DynamicLinearRnnQuantizer(Quantizer):

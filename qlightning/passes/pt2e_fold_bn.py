@@ -57,7 +57,10 @@ def _is_unscale(node) -> bool:
 
 
 def _match(gm: fx.GraphModule, bn: fx.Node):
-    """(conv node, weight fake-quant node, conv weight, conv bias or None) of a QAT conv-bn, or None."""
+    """(conv node, weight fake-quant node, conv weight, conv bias or None) of a QAT conv-bn, or None.
+    The fake-quant node is None for a conv-bn kept float (``skip=``): its scaled weight feeds the conv
+    directly. torchao's own fold in convert_pt2e expects a get_attr where that scaled weight is and
+    failed on it with the LiteRT quantizer ("Expected get_attr node, got call_function", torchao 0.18)."""
     node, conv_bias = bn.args[0], None
     if node.target == aten.add.Tensor:
         bias_node = _arg_through_reshape(node.args[1])
@@ -71,10 +74,15 @@ def _match(gm: fx.GraphModule, bn: fx.Node):
     if conv.target not in _CONV_OPS or len(conv.users) != 1:
         return None
     weight_fq = conv.args[1]
-    if not (isinstance(weight_fq, fx.Node) and weight_fq.op == "call_module"):
+    if not isinstance(weight_fq, fx.Node):
         return None
-    scaled_weight = weight_fq.args[0]
-    if scaled_weight.target != aten.mul.Tensor:
+    if weight_fq.op == "call_module":
+        scaled_weight = weight_fq.args[0]
+    elif weight_fq.target == aten.mul.Tensor:
+        scaled_weight, weight_fq = weight_fq, None
+    else:
+        return None
+    if not isinstance(scaled_weight, fx.Node) or scaled_weight.target != aten.mul.Tensor:
         return None
     conv_weight = _get_attr(gm, scaled_weight.args[0])
     if conv_weight is None:
@@ -151,11 +159,14 @@ def fold_qat_conv_bn(gm: fx.GraphModule) -> int:
         prefix = conv.name
         gm.register_parameter(f"{prefix}_folded_weight", nn.Parameter(folded_weight))
         gm.register_parameter(f"{prefix}_folded_bias", nn.Parameter(folded_bias))
-        with gm.graph.inserting_before(weight_fq):
+        with gm.graph.inserting_before(weight_fq if weight_fq is not None else conv):
             weight_node = gm.graph.get_attr(f"{prefix}_folded_weight")
             bias_node = gm.graph.get_attr(f"{prefix}_folded_bias")
-        weight_fq.args = (weight_node,)
         args = list(conv.args)
+        if weight_fq is not None:
+            weight_fq.args = (weight_node,)
+        else:
+            args[1] = weight_node
         if len(args) < 3:
             args += [None] * (3 - len(args))
         args[2] = bias_node

@@ -1,0 +1,926 @@
+"""Where quantization error comes from, layer by layer: :func:`compare_layers`.
+
+For every quantized layer of an int8 network, in execution order, two signal-to-quantization-noise
+ratios (``10 * log10(sum(float^2) / sum((float - int8)^2))``, ``inf`` when equal) against the float
+network the int8 one was made from:
+
+* ``sqnr_db``: the layer's output in the int8 network run end to end, against the float network's
+  output of the same layer. It contains the error every layer before it passed on.
+* ``own_sqnr_db``: the int8 layer alone, fed the float network's input of that layer (quantized with
+  the layer's input qparams, as the int8 network quantizes it), against the same float output: the
+  error the layer adds by itself (input rounding, int8 weights, output rounding).
+
+A *layer* is a fusion group of the float network that the int8 network computes as one quantized
+op: ``conv -> bn -> relu`` is one layer, named after its first module (``conv1``, as eager and FX name
+the fused module and as ``skip=[...]`` takes it), compared at the group's last output (the relu's).
+Names are module names of the float network's ``named_modules()``. A layer is listed when it has int8
+weights, or its own output qparams, or rounds its result onto its input's grid (average pooling,
+hardswish with shared qparams); ops that only move int8 values on their input's grid (max-pool,
+flatten, reshape) add no error and belong to no layer.
+
+How each int8 network is read:
+
+* eager (``EagerQuantWrapper`` around the network, fused and converted by torch.ao) and FX
+  (``convert_fx``'s GraphModule): modules of ``torch.ao.nn.quantized`` / ``torch.ao.nn.intrinsic
+  .quantized`` are layers, and float modules that run on int8 tensors and round (average pooling). The
+  float module of the same name starts the group; the float modules after it that read its output and
+  are gone from the int8 network (fused into it: ``nn.Identity`` in eager, absent in FX) complete it.
+  Whether a module reads the previous one's output is decided by tensor identity and version counter,
+  so ``out += identity`` between two modules ends a group. A ReLU that FX fused from a functional
+  ``F.relu`` is applied to the float output. The end-to-end output is the module's output
+  (dequantized); the layer alone is the module called on the float input quantized with the qparams of
+  the tensor that reached it end to end.
+* PT2E (``ExportedNetwork`` / a converted GraphModule of aten ops between ``quantized_decomposed``
+  quantize / dequantize nodes; also FX for backends without PyTorch int8 kernels, which converts
+  through PT2E): a layer is a chain of ops from one reading dequantized activations or int8 weights up
+  to the next quantize (or a fork, a second activation input, or the output). Ops are mapped to float
+  modules by ``node.meta["nn_module_stack"]`` (innermost entry, e.g. ``'L__self__conv1': ('conv1',
+  'torch.nn.modules.conv.Conv2d')``); BatchNorm folded into the conv and a merged ReLU are completed from
+  the float network as above; ops of the chain outside any leaf module (a functional ``relu`` or
+  ``flatten`` in ``forward``, or a clamp FX fused into a conv) are replayed on the float output. The
+  end-to-end output is the value downstream ops read (the dequantize after the chain's quantize, or the
+  float value where there is none). The layer alone re-evaluates only the nodes between the value
+  feeding the chain's input quantize and the chain's output (run-time qparams included), with that
+  value replaced by the float input.
+
+Not listed: layers that stay float in the int8 network (a ``skip``-ped module, an op the backend does
+not quantize), and functional ops that no leaf module owns (``x + y`` of a residual block,
+``torch.cat``): a layer must be a module to be moved to float by name; their error shows up in the
+end-to-end SQNR of the next listed layer. A chain with two activation inputs is not a layer either.
+
+Not read: fake-quantized networks (``prepare``'s, ``callback.finalized_network``), which compute in
+float or fake-quantize; pass ``callback.quantized_model``. The float network must be the one the int8
+network was converted from: after ``QuantizationAwareTraining`` the LightningModule holds the
+fake-quantized network, and a copy of the float network from before ``fit`` has the weights before QAT
+training, so its SQNRs include what training changed (tens of dB on a few epochs).
+
+Cost: one float forward with hooks and one int8 forward with hooks (or an FX interpreter keeping every
+value) over ``inputs``, holding each layer's float input and output and int8 output (a few copies of
+the activations), plus one call of each int8 layer alone; no second network run per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import operator
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from qlightning.passes.graph import clamp_range
+
+__all__ = ["LayerError", "LayerReport", "compare_layers"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """One quantized layer of a :class:`LayerReport`.
+
+    Attributes:
+        name: the float network's module name of the layer's first module (``named_modules()``).
+        kind: class name of that float module (``"Conv2d"``).
+        sqnr_db: SQNR in dB of the layer's output in the int8 network run end to end, against the float
+            network's output of the layer (``inf`` when equal).
+        own_sqnr_db: SQNR of the int8 layer alone, fed the float input of the layer quantized with the
+            layer's input qparams: the error the layer adds by itself.
+        input_sqnr_db: SQNR of the float input rounded onto the layer's input grid, against the float input
+            (``inf`` when the layer reads float values, ``nan`` when the rounding happens inside the layer,
+            as in dynamic quantization). That grid is usually the previous layer's output grid, so its
+            rounding counts in the own error of both: an ``own_sqnr_db`` close to ``input_sqnr_db`` says
+            the layer's error comes from its input's qparams, chosen upstream.
+        output_scale: the scale of the layer's int8 output, ``None`` when the int8 network keeps the
+            layer's output in float (x86's last linear in PT2E) or quantizes it at run time (dynamic).
+        members: the float modules the layer computes (``("conv1", "bn1", "relu1")``), in order.
+        numel: how many output values were compared (over all calls of the layer).
+    """
+
+    name: str
+    kind: str
+    sqnr_db: float
+    own_sqnr_db: float
+    _: KW_ONLY
+    input_sqnr_db: float = math.nan
+    output_scale: float | None = None
+    members: tuple[str, ...] = ()
+    numel: int = 0
+
+    @property
+    def inherited_db(self) -> float:
+        """How many dB the errors of the layers before this one cost it: ``own_sqnr_db - sqnr_db``
+        (about 0 for the first layer; can be negative when errors happen to cancel)."""
+        if math.isinf(self.own_sqnr_db) and math.isinf(self.sqnr_db):
+            return 0.0
+        return self.own_sqnr_db - self.sqnr_db
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: non-finite SQNRs as the strings ``"inf"`` / ``"-inf"`` / ``"nan"``."""
+        data = asdict(self)
+        data.pop("_", None)
+        data["members"] = list(self.members)
+        return {k: _jsonable(v) for k, v in data.items()}
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class LayerReport(Sequence):
+    """The :class:`LayerError` of every quantized layer, in execution order (a read-only sequence;
+    ``report["conv1"]`` looks a layer up by name)."""
+
+    def __init__(self, layers: Sequence[LayerError], source: str):
+        self._layers = tuple(layers)
+        # How the int8 network was read: "eager/fx modules" or "pt2e graph".
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for layer in self._layers:
+                if layer.name == key:
+                    return layer
+            raise KeyError(f"no quantized layer named {key!r}; layers: {self.names}")
+        if isinstance(key, slice):
+            return LayerReport(self._layers[key], self.source)
+        return self._layers[key]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, LayerReport):
+            return NotImplemented
+        return self._layers == other._layers and self.source == other.source
+
+    __hash__ = None
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    def worst(self, n: int = 1) -> list[LayerError]:
+        """The ``n`` layers adding the most error by themselves: lowest ``own_sqnr_db`` first (ties: lowest
+        end-to-end SQNR, then execution order; a layer whose own SQNR could not be measured, NaN, last).
+
+        Ranked by the error of the layer alone, not end to end: end-to-end error accumulates along the
+        network, so the end-to-end ranking names the last layers even when an early layer causes the
+        loss, and moving a layer to float removes only its own error, not what it inherits. Whether the
+        removed error matters for the metric is what the caller's accuracy check decides.
+
+        A layer's own error includes the rounding of its input onto its input grid, which the layer before
+        it chose (its output qparams, often shared through max-pool or flatten): a too-narrow output
+        range upstream also lowers the own SQNR of the layers reading it. ``input_sqnr_db`` tells these
+        apart: a layer whose own SQNR is about its input SQNR inherits its error from that grid."""
+        order = sorted(range(len(self._layers)), key=lambda i: (*_rank(self._layers[i].own_sqnr_db),
+                                                              *_rank(self._layers[i].sqnr_db), i))
+        return [self._layers[i] for i in order[: max(n, 0)]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": "sqnr_db = 10*log10(sum(float^2) / sum((float - int8)^2)); own_sqnr_db: the int8 layer "
+                      "alone, fed the float network's input of the layer",
+            "source": self.source,
+            "layers": [layer.to_dict() for layer in self._layers],
+        }
+
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        """The report as JSON (non-finite SQNRs as strings); written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def format(self) -> str:
+        """A plain-text table, one row per layer."""
+        width = max([len("layer")] + [len(layer.name) for layer in self._layers])
+        kinds = max([len("kind")] + [len(layer.kind) for layer in self._layers])
+        rows = [f"{'layer':<{width}}  {'kind':<{kinds}}  {'sqnr_db':>8}  {'own_db':>8}  {'input_db':>8}  "
+                "output_scale  members"]
+        for layer in self._layers:
+            scale = "float" if layer.output_scale is None else f"{layer.output_scale:.4g}"
+            rows.append(f"{layer.name:<{width}}  {layer.kind:<{kinds}}  {layer.sqnr_db:8.2f}  {layer.own_sqnr_db:8.2f}  "
+                        f"{layer.input_sqnr_db:8.2f}  {scale:>12}  {', '.join(layer.members)}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def __repr__(self) -> str:
+        return f"LayerReport({len(self)} layers, {self.source})"
+
+
+def _rank(value: float) -> tuple[bool, float]:
+    """Sort key: lowest first, NaN (not measured) after everything."""
+    return (True, 0.0) if math.isnan(value) else (False, value)
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+# -- the float network ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """One call of a leaf module of the float network."""
+
+    name: str
+    index: int  # the how-many-th call of this module
+    input: torch.Tensor | None
+    output: torch.Tensor | None
+    input_id: int | None
+    output_id: int | None
+    # Version counters: a tensor changed in place between two modules (``out += identity``) is the same
+    # object but no longer the value the first module returned.
+    input_version: int = -1
+    output_version: int = -1
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        return _first_tensor(list(value.values()))
+    return None
+
+
+def _leaves(network: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in network.named_modules() if next(m.children(), None) is None}
+
+
+class _FloatRun:
+    """The float network run once on the inputs, every leaf module's calls recorded (input and output
+    copied to the CPU, and which tensor object each was, to follow the data from module to module)."""
+
+    def __init__(self, network: nn.Module, inputs: tuple):
+        self.modules = _leaves(network)
+        self.calls: list[_Call] = []
+        self.by_module: dict[str, list[_Call]] = defaultdict(list)
+        keep_alive: list = []  # tensor ids are compared after the run; the tensors must outlive it
+
+        def pre_hook(name):
+            def hook(module, args):
+                tensor = _first_tensor(args)
+                keep_alive.append(tensor)
+                call = _Call(name, len(self.by_module[name]), _copy(tensor), None, _id(tensor), None,
+                             _version(tensor))
+                self.calls.append(call)
+                self.by_module[name].append(call)
+            return hook
+
+        def post_hook(name):
+            def hook(module, args, output):
+                tensor = _first_tensor(output)
+                keep_alive.append(tensor)
+                call = self.by_module[name][-1]
+                call.output, call.output_id, call.output_version = _copy(tensor), _id(tensor), _version(tensor)
+            return hook
+
+        handles = []
+        training = {m: m.training for m in network.modules()}
+        try:
+            for name, module in self.modules.items():
+                handles.append(module.register_forward_pre_hook(pre_hook(name)))
+                handles.append(module.register_forward_hook(post_hook(name)))
+            network.eval()
+            device = _device_of(network)
+            network(*(_to(x, device) for x in inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, mode in training.items():
+                module.training = mode
+        self.position = {id(call): i for i, call in enumerate(self.calls)}
+
+    def followers(self, last: _Call, absent) -> list[_Call]:
+        """The calls after ``last`` that read its output and that the int8 network folded away
+        (``absent(name)``), each reading the previous one's output: BatchNorm and ReLU after a conv."""
+        chain = []
+        i = self.position[id(last)] + 1
+        while i < len(self.calls):
+            call = self.calls[i]
+            if (call.input_id is None or (call.input_id, call.input_version) != (last.output_id, last.output_version)
+                    or not absent(call.name)):
+                break
+            chain.append(call)
+            last = call
+            i += 1
+        return chain
+
+    def next_call(self, after: _Call, name: str) -> _Call | None:
+        for call in self.calls[self.position[id(after)]:]:
+            if call.name == name:
+                return call
+        return None
+
+
+def _id(tensor) -> int | None:
+    return id(tensor) if isinstance(tensor, torch.Tensor) else None
+
+
+def _version(tensor) -> int:
+    try:
+        return tensor._version if isinstance(tensor, torch.Tensor) else -1
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+def _copy(tensor) -> torch.Tensor | None:
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    tensor = tensor.detach()
+    if tensor.is_quantized:
+        tensor = tensor.dequantize()
+    return tensor.to("cpu", copy=True)
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        # A copy: networks may modify their input in place (a first ReLU(inplace=True)).
+        return value.detach().to(device, copy=True)
+    return value
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if not tensor.is_quantized:
+            return tensor.device
+    return torch.device("cpu")
+
+
+# -- accumulation -----------------------------------------------------------------------------------
+
+
+class _Accumulator:
+    """Signal and noise sums of one layer over all its calls."""
+
+    def __init__(self, name: str, kind: str, members: tuple[str, ...], output_scale: float | None):
+        self.name, self.kind, self.members, self.output_scale = name, kind, members, output_scale
+        self.signal = self.noise = self.own_noise = 0.0
+        self.input_signal = self.input_noise = 0.0
+        self.numel = 0
+        self.broken = False  # a call whose values could not be matched
+
+    def add(self, reference, end_to_end, alone, float_input=None, rounded_input=None) -> None:
+        if reference is None or end_to_end is None or end_to_end.shape != reference.shape:
+            self.broken = True
+            return
+        if float_input is None or rounded_input is None or rounded_input.shape != float_input.shape:
+            self.input_noise = math.nan
+        else:
+            float_input = float_input.double()
+            self.input_signal += float(float_input.pow(2).sum())
+            self.input_noise += float((float_input - rounded_input.double()).pow(2).sum())
+        reference = reference.double()
+        self.signal += float(reference.pow(2).sum())
+        self.noise += float((reference - end_to_end.double()).pow(2).sum())
+        if alone is None or alone.shape != reference.shape:
+            self.own_noise = math.nan
+        else:
+            self.own_noise += float((reference - alone.double()).pow(2).sum())
+        self.numel += reference.numel()
+
+    def result(self) -> LayerError | None:
+        if self.broken or self.numel == 0:
+            log.warning("compare_layers: the int8 output of %s does not match the float network's output of %s "
+                        "(shape or missing value); the layer is left out of the report", self.name,
+                        self.members[-1] if self.members else self.name)
+            return None
+        own = math.nan if math.isnan(self.own_noise) else _sqnr(self.signal, self.own_noise)
+        rounding = math.nan if math.isnan(self.input_noise) else _sqnr(self.input_signal, self.input_noise)
+        return LayerError(self.name, self.kind, _sqnr(self.signal, self.noise), own, input_sqnr_db=rounding,
+                          output_scale=self.output_scale, members=self.members, numel=self.numel)
+
+
+# -- eager / FX modules -----------------------------------------------------------------------------
+
+_QUANTIZED_NAMESPACES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                         "torch.nn.quantized", "torch.nn.intrinsic.quantized")
+
+
+def _is_quantized_layer(module: nn.Module) -> bool:
+    """An int8 module with its own output qparams or int8 weights (not a stub, not an op that keeps its
+    input's qparams such as max-pool or ReLU6)."""
+    if not type(module).__module__.startswith(_QUANTIZED_NAMESPACES):
+        return False
+    if type(module).__name__ in ("Quantize", "DeQuantize"):
+        return False
+    return hasattr(module, "scale") or hasattr(module, "_packed_params") or ".dynamic" in type(module).__module__
+
+
+def _fused_relu(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(("torch.ao.nn.intrinsic", "torch.nn.intrinsic")) and type(
+        module).__name__.rstrip("123d").endswith("ReLU")
+
+
+def _float_name_of(quantized_name: str, prefix: str) -> str | None:
+    if not prefix:
+        return quantized_name
+    if quantized_name == prefix.rstrip("."):
+        return ""
+    return quantized_name[len(prefix):] if quantized_name.startswith(prefix) else None
+
+
+def _bound_engine(network: nn.Module) -> str | None:
+    """The engine :func:`qlightning.quantized_engine.bind_quantized_engine` bound the network to."""
+    for hook in network._forward_pre_hooks.values():
+        engine = getattr(getattr(hook, "__self__", None), "engine", None)
+        if isinstance(engine, str):
+            return engine
+    return None
+
+
+_GRID_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                 nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                 nn.Dropout3d, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.ZeroPad1d, nn.ZeroPad2d,
+                 nn.ZeroPad3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+
+
+def _keeps_grid_module(module: nn.Module) -> bool:
+    """A module mapping int8 values onto the same grid (moves, selects or clamps them)."""
+    if isinstance(module, nn.Upsample):
+        return module.mode == "nearest"
+    return isinstance(module, _GRID_MODULES) or type(module).__name__ in ("ReLU6", "Dropout")
+
+
+def _compare_modules(float_network: nn.Module, quantized: nn.Module, inputs: tuple) -> LayerReport:
+    import contextlib
+
+    from qlightning.quantized_engine import quantized_engine
+
+    # Eager mode wraps the network: EagerQuantWrapper(quant, net, dequant).
+    prefix = "net." if type(quantized).__name__ == "EagerQuantWrapper" and hasattr(quantized, "net") else ""
+    reference = _FloatRun(float_network, inputs)
+
+    watched: dict[str, nn.Module] = {}  # float name -> int8 module, for the int8 network's ops
+    for name, module in quantized.named_modules():
+        float_name = _float_name_of(name, prefix)
+        # A quantized Linear holds its packed weights in a child module: not a leaf, still one op.
+        if float_name is not None and name and (_is_quantized_layer(module) or next(module.children(), None) is None):
+            watched[float_name] = module
+    arrived: dict[str, list] = defaultdict(list)  # per call: the tensor that reached the module
+    produced: dict[str, list] = defaultdict(list)  # per call: its output (as returned)
+    order: list[str] = []
+
+    def pre_hook(name):
+        def hook(module, args):
+            tensor = _first_tensor(args)
+            arrived[name].append(tensor.detach().clone() if isinstance(tensor, torch.Tensor) else None)
+        return hook
+
+    def post_hook(name):
+        def hook(module, args, output):
+            tensor = _first_tensor(output)
+            produced[name].append(tensor.detach().clone() if isinstance(tensor, torch.Tensor) else None)
+            if name not in order:
+                order.append(name)
+        return hook
+
+    engine = _bound_engine(quantized)
+
+    def scope():
+        return quantized_engine(engine) if engine else contextlib.nullcontext()
+
+    handles = []
+    training = {m: m.training for m in quantized.modules()}
+    try:
+        for name, module in watched.items():
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+            handles.append(module.register_forward_hook(post_hook(name)))
+        quantized.eval()
+        with scope():
+            quantized(*(_to(x, torch.device("cpu")) for x in inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in training.items():
+            module.training = mode
+
+    def absent(name: str) -> bool:
+        """Fused away: gone from the int8 network, or an ``nn.Identity`` there (eager)."""
+        return name not in order or (isinstance(watched[name], nn.Identity)
+                                     and not isinstance(reference.modules.get(name), nn.Identity))
+
+    def is_layer(name: str) -> bool:
+        module = watched[name]
+        if _is_quantized_layer(module):
+            return True
+        # A float module run on int8 tensors that rounds its result onto the grid (average pooling).
+        quantized_out = any(isinstance(t, torch.Tensor) and t.is_quantized for t in produced[name])
+        quantized_in = any(isinstance(t, torch.Tensor) and t.is_quantized for t in arrived[name])
+        return quantized_in and quantized_out and not _keeps_grid_module(module)
+
+    results = []
+    for name in order:
+        calls = reference.by_module.get(name, [])
+        if not calls or name not in reference.modules or not is_layer(name):
+            continue
+        module = watched[name]
+        calls = calls[: len(produced[name])]
+        members = (name,) + tuple(c.name for c in reference.followers(calls[0], absent))
+        scale = None if ".dynamic" in type(module).__module__ else getattr(module, "scale", None)
+        if not isinstance(scale, (float, int, torch.Tensor)) or callable(scale):
+            first = produced[name][0]
+            scale = first.q_scale() if isinstance(first, torch.Tensor) and first.is_quantized and first.qscheme() in (
+                torch.per_tensor_affine, torch.per_tensor_symmetric) else None
+        acc = _Accumulator(name, type(reference.modules[name]).__name__, members,
+                           None if scale is None else float(scale))
+        for call, quantized_input, output in zip(calls, arrived[name], produced[name]):
+            followers = reference.followers(call, absent)
+            expected = followers[-1].output if followers else call.output
+            if expected is not None and _fused_relu(module) and not any(
+                    isinstance(reference.modules[c.name], nn.ReLU) for c in followers):
+                expected = F.relu(expected)  # a functional relu FX fused into the module
+            fed = _requantized(call.input, quantized_input)
+            # Dynamic layers quantize their input inside: its rounding is not seen here.
+            rounded = None if ".dynamic" in type(module).__module__ else _copy(fed)
+            with scope():
+                alone = _copy(_first_tensor(module(fed)))
+            acc.add(expected, _copy(output), alone, call.input, rounded)
+        layer = acc.result()
+        if layer is not None:
+            results.append(layer)
+    return LayerReport(results, "eager/fx modules")
+
+
+def _requantized(float_input, arrived):
+    """The float input quantized the way the int8 network quantized the tensor that reached the layer."""
+    if float_input is None:
+        return arrived
+    if not isinstance(arrived, torch.Tensor) or not arrived.is_quantized:
+        return float_input.to(arrived.device) if isinstance(arrived, torch.Tensor) else float_input
+    if arrived.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return torch.quantize_per_tensor(float_input, arrived.q_scale(), arrived.q_zero_point(), arrived.dtype)
+    return torch.quantize_per_channel(float_input, arrived.q_per_channel_scales(),
+                                      arrived.q_per_channel_zero_points(), arrived.q_per_channel_axis(), arrived.dtype)
+
+
+# -- PT2E graphs ------------------------------------------------------------------------------------
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_function" else ""
+
+
+def _is_quantize(node) -> bool:
+    name = _op_name(node) if isinstance(node, fx.Node) else ""
+    return ("quantized_decomposed.quantize_per" in name or "quantize_affine" in name) and "dequantize" not in name
+
+
+def _is_dequantize(node) -> bool:
+    name = _op_name(node) if isinstance(node, fx.Node) else ""
+    return "quantized_decomposed.dequantize_per" in name or "dequantize_affine" in name
+
+
+def _is_qparams(node) -> bool:
+    """Run-time qparams (dynamic quantization): ``choose_qparams`` and the items taken from it."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _is_qparams(node.args[0])
+    return "quantized_decomposed.choose_qparams" in _op_name(node)
+
+
+def _is_compute(node: fx.Node) -> bool:
+    return node.op == "call_function" and not (_is_quantize(node) or _is_dequantize(node) or _is_qparams(node))
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """What a dequantize reads, through its quantize: the float value quantized there."""
+    while isinstance(node, fx.Node) and (_is_dequantize(node) or _is_quantize(node)):
+        node = node.args[0]
+    return node
+
+
+def _is_weight(dq: fx.Node) -> bool:
+    source = _source(dq)
+    return isinstance(source, fx.Node) and source.op == "get_attr"
+
+
+def _module_path(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else None
+
+
+def _qparams(node: fx.Node) -> tuple:
+    return tuple(str(a) for a in node.args[1:3])
+
+
+def _scale(node: fx.Node, env: dict) -> float | None:
+    """A quantize node's constant scale; ``None`` for run-time qparams (dynamic quantization)."""
+    scale = node.args[1] if len(node.args) > 1 else node.kwargs.get("scale")
+    if isinstance(scale, fx.Node):
+        if scale.op != "get_attr":
+            return None
+        scale = env.get(scale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return float(scale)
+    return float(scale) if isinstance(scale, (float, int)) else None
+
+
+_CLAMP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+
+
+def _owned(node: fx.Node, leaves: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` computes part of what its float module computes. FX fuses a functional
+    ``F.relu`` into the conv before it, and a graph converted from FX labels that relu with the conv's
+    name: a clamp labelled with a module that is not a clamp is the float network's functional code."""
+    module = leaves.get(_module_path(node))
+    if module is None:
+        return False
+    return isinstance(module, _CLAMP_MODULES) or clamp_range(None, node) is None
+
+
+_GRID_OPS = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "flatten", "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "squeeze", "unsqueeze", "clone",
+    "contiguous", "slice", "select", "expand", "alias", "cat", "concat", "split", "split_with_sizes", "chunk",
+    "unbind", "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "clamp", "clamp_", "constant_pad_nd", "pad",
+    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "pixel_shuffle", "pixel_unshuffle",
+    "channel_shuffle", "getitem", "repeat", "index_select", "gather",
+}
+
+
+def _keeps_grid(node: fx.Node) -> bool:
+    """Whether the op maps values of an int8 grid onto the same grid (moves, selects, clamps them): with
+    its input's qparams on its output, it adds no rounding error."""
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    overload = getattr(target, "_overloadpacket", None)
+    name = getattr(overload, "__name__", name)
+    return name.split(".")[-1] in _GRID_OPS
+
+
+@dataclass
+class _Region:
+    """A chain of graph ops the int8 network computes as one quantized layer."""
+
+    nodes: list[fx.Node]
+    anchor: str  # float module of the first op
+    input: fx.Node  # the float value the chain's input quantize reads (or the first op's input)
+    materialised: fx.Node  # the value downstream ops read: the dequantize after the output quantize
+    output_quantize: fx.Node | None
+    last_module: str  # the last float leaf module whose own computation is in the chain
+    trailing: list[fx.Node] = field(default_factory=list)  # ops after that module's, replayed on float
+
+
+def _float_weights(node: fx.Node, graph_module: fx.GraphModule) -> bool:
+    """Whether ``node`` reads a float weight (a parameter of two or more dimensions, not through a
+    dequantize): a layer the int8 network keeps in float (``skip``), even between quantize nodes."""
+    for arg in node.all_input_nodes:
+        if arg.op != "get_attr":
+            continue
+        try:
+            value = operator.attrgetter(arg.target)(graph_module)
+        except AttributeError:
+            continue
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
+            return True
+    return False
+
+
+def _regions(graph_module: fx.GraphModule, leaves: dict[str, nn.Module]) -> list[_Region]:
+    assigned: set[fx.Node] = set()
+    regions = []
+    for node in graph_module.graph.nodes:
+        if node in assigned or not _is_compute(node) or _float_weights(node, graph_module):
+            continue
+        dequantized = [a for a in node.all_input_nodes if _is_dequantize(a)]
+        weights = [a for a in dequantized if _is_weight(a)]
+        activations = [a for a in dequantized if not _is_weight(a)]
+        if not dequantized:
+            continue
+        chain = [node]
+        while True:
+            users = list(chain[-1].users)
+            if len(users) != 1 or not _is_compute(users[0]) or users[0] in assigned:
+                break
+            user = users[0]
+            others = [a for a in user.all_input_nodes if a is not chain[-1]]
+            if any(not (_is_weight(a) or a.op == "get_attr") for a in others):
+                break  # a second activation (add, cat): the chain ends before it
+            if _float_weights(user, graph_module):
+                break  # a float layer (skipped) reading the chain's float output
+            chain.append(user)
+        assigned.update(chain)
+        last = chain[-1]
+        output_quantize = next((u for u in last.users if _is_quantize(u)), None)
+        materialised = last
+        if output_quantize is not None:
+            materialised = next((u for u in output_quantize.users if _is_dequantize(u)), output_quantize)
+        own_qparams = output_quantize is not None and all(_qparams(output_quantize) != _qparams(a) for a in activations)
+        rounds = output_quantize is not None and not all(_keeps_grid(n) for n in chain)
+        if not (weights or own_qparams or rounds):
+            continue  # a float op, or one moving int8 values on its input's grid (max-pool, flatten): no error
+        anchor = _module_path(node)
+        if anchor is None or anchor not in leaves or len(activations) > 1:
+            continue  # a functional op no leaf module owns, or several activation inputs (add, cat)
+        first_input = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if first_input is None:
+            continue
+        owned = [i for i, n in enumerate(chain) if _owned(n, leaves)]
+        if not owned:
+            continue
+        regions.append(_Region(chain, anchor, _source(first_input), materialised, output_quantize,
+                               _module_path(chain[owned[-1]]), chain[owned[-1] + 1:]))
+    return regions
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph keeping every value, and copies of the ones asked for as they are made (a later
+    in-place op could change them)."""
+
+    def __init__(self, module: fx.GraphModule, wanted: set[fx.Node]):
+        super().__init__(module, garbage_collect_values=False)
+        self.wanted, self.copies = wanted, {}
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        if n in self.wanted and isinstance(value, torch.Tensor):
+            self.copies[n] = _copy(value)
+        return value
+
+
+def _replay(nodes: list[fx.Node], value: torch.Tensor, env: dict) -> torch.Tensor | None:
+    """``nodes`` (a chain of single-input ops) applied to ``value`` in place of their first input."""
+    for node in nodes:
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda n: env[n])
+        value = node.target(value, *rest[0], **rest[1])
+    return value
+
+
+def _between(source: fx.Node, target: fx.Node) -> list[fx.Node]:
+    """The nodes on some path from ``source`` to ``target`` (both included), in graph order."""
+    ancestors, stack = set(), [target]
+    while stack:
+        node = stack.pop()
+        if node in ancestors:
+            continue
+        ancestors.add(node)
+        stack.extend(node.all_input_nodes)
+    descendants, stack = set(), [source]
+    while stack:
+        node = stack.pop()
+        if node in descendants:
+            continue
+        descendants.add(node)
+        stack.extend(node.users)
+    inside = ancestors & descendants
+    return [n for n in target.graph.nodes if n in inside]
+
+
+def _alone(region: _Region, float_input: torch.Tensor, env: dict):
+    """The region's output with the float input in place of what reached it end to end (the nodes
+    from the input's quantize, or its run-time qparams, to the chain's output, evaluated again), and
+    the input its first op read then (the float input rounded onto the input grid)."""
+    seen = env.get(region.input)
+    if not isinstance(seen, torch.Tensor) or seen.shape != float_input.shape:
+        return None, None
+    local = {region.input: float_input.to(seen.device, seen.dtype, copy=True)}
+    read = region.nodes[0].args[0]
+    rounded = None
+    for node in _between(region.input, region.materialised)[1:]:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: local[n] if n in local else env[n])
+        local[node] = node.target(*args, **kwargs)
+        if node is read:  # copied as read, before an in-place op of the chain (hardswish_) changes it
+            rounded = _copy(local[node])
+    if read is region.input:
+        rounded = _copy(float_input)  # the chain reads the float value itself
+    return _copy(local[region.materialised]), rounded
+
+
+def _compare_graph(float_network: nn.Module, graph_module: fx.GraphModule, inputs: tuple) -> LayerReport:
+    reference = _FloatRun(float_network, inputs)
+    regions = _regions(graph_module, reference.modules)
+    present = {_module_path(n) for n in graph_module.graph.nodes if _is_compute(n)}
+    recorder = _Recorder(graph_module, {r.materialised for r in regions})
+    device = _graph_device(graph_module)
+    recorder.run(*(_to(x, device) for x in inputs))
+    env = recorder.env
+
+    def absent(name: str) -> bool:
+        return name not in present
+
+    occurrences: dict[str, int] = defaultdict(int)
+    accumulators: dict[str, _Accumulator] = {}
+    for region in regions:
+        index = occurrences[region.anchor]
+        occurrences[region.anchor] += 1
+        calls = reference.by_module.get(region.anchor, [])
+        if index >= len(calls):
+            continue
+        first = calls[index]
+        last = reference.next_call(first, region.last_module) or first
+        followers = reference.followers(last, absent)
+        members = [first.name]
+        for call in reference.calls[reference.position[id(first)] + 1: reference.position[id(last)] + 1]:
+            members.append(call.name)
+        members += [c.name for c in followers]
+        expected = followers[-1].output if followers else last.output
+        if expected is not None and region.trailing:
+            expected = _replay(region.trailing, expected.clone(), env)
+        alone, rounded = _alone(region, first.input, env) if first.input is not None else (None, None)
+        if region.anchor not in accumulators:
+            scale = _scale(region.output_quantize, env) if region.output_quantize is not None else None
+            accumulators[region.anchor] = _Accumulator(
+                region.anchor, type(reference.modules[region.anchor]).__name__, tuple(dict.fromkeys(members)), scale)
+        accumulators[region.anchor].add(expected, recorder.copies.get(region.materialised), alone, first.input,
+                                        rounded)
+    results = [acc.result() for acc in accumulators.values()]
+    return LayerReport([r for r in results if r is not None], "pt2e graph")
+
+
+def _graph_device(gm: fx.GraphModule) -> torch.device:
+    for tensor in list(gm.parameters()) + list(gm.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _graph_of(quantized: nn.Module) -> fx.GraphModule | None:
+    """The Q/DQ graph of a PT2E int8 network (``ExportedNetwork`` or its graph module), else None."""
+    graph_module = getattr(quantized, "graph_module", quantized)
+    if not isinstance(graph_module, fx.GraphModule):
+        return None
+    if any(_is_dequantize(n) for n in graph_module.graph.nodes):
+        return graph_module
+    return None
+
+
+@torch.no_grad()
+def compare_layers(float_network: nn.Module, quantized_network: nn.Module, inputs) -> LayerReport:
+    """Per quantized layer, in execution order: SQNR of its output in ``quantized_network`` against
+    ``float_network`` (end to end), and of the layer alone fed the float input (its own error).
+
+    Args:
+        float_network: the float network the int8 one was made from (run in eval behaviour; its mode,
+            weights and hooks are left as they were).
+        quantized_network: an int8 network made from it: ``callback.quantized_model`` of
+            :class:`~qlightning.PostTrainingQuantization` or :class:`~qlightning.QuantizationAwareTraining`
+            in any mode (eager's ``EagerQuantWrapper``, FX's converted GraphModule, PT2E's
+            ``ExportedNetwork`` or a converted graph module).
+        inputs: a batch: one tensor, or a tuple of the network's positional inputs (not modified).
+
+    Returns:
+        A :class:`LayerReport`: one :class:`LayerError` per quantized layer (see the module docstring
+        for what a layer is in each mode), ``report.worst(n)`` the layers with the most error of their
+        own, ``report.to_json()`` for files.
+
+    Raises:
+        ValueError: ``quantized_network`` has no quantized layer this function can read (a fake-quant
+            network from ``prepare``, or the float network itself).
+    """
+    from qlightning.passes.graph import is_quantizer
+
+    inputs = inputs if isinstance(inputs, tuple) else (tuple(inputs) if isinstance(inputs, list) else (inputs,))
+    if _graph_of(float_network) is not None or any(
+            is_quantizer(m) or _is_quantized_layer(m) for m in float_network.modules()):
+        raise ValueError(
+            f"float_network ({type(float_network).__name__}) holds quantizers or int8 layers: pass the float network "
+            "the int8 one was made from. QuantizationAwareTraining replaces the LightningModule's network with its "
+            "fake-quantized one; keep a copy of the float network from before fit (its weights are the ones before "
+            "QAT training, so the SQNRs then include what training changed)"
+        )
+    with torch.inference_mode(False):
+        graph_module = _graph_of(quantized_network)
+        if graph_module is not None:
+            report = _compare_graph(float_network, graph_module, inputs)
+        elif any(_is_quantized_layer(m) for m in quantized_network.modules()):
+            report = _compare_modules(float_network, quantized_network, inputs)
+        else:
+            raise ValueError(
+                f"{type(quantized_network).__name__} has no int8 layers to compare: pass the converted network "
+                "(callback.quantized_model), not the float network or a fake-quantized one (prepared / finalized "
+                "networks compute in float or fake-quantize; they are not read by compare_layers)"
+            )
+    if not report:
+        raise ValueError(
+            f"no int8 layer of {type(quantized_network).__name__} matches a module of {type(float_network).__name__}: "
+            "pass the float network the int8 one was converted from"
+        )
+    return report
