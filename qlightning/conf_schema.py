@@ -76,6 +76,8 @@ class PtqSchema(_QuantSchema):
     # observer=percentile only: the share of values, in %, each activation range keeps, in (50, 100];
     # null: 99.99. PostTrainingQuantization checks the range and refuses it with other observers.
     percentile: Optional[float] = None
+    # After conversion: per-layer SQNR against float, logged and written to <export_dir>/layers.json.
+    layer_report: bool = True
 
 
 def register() -> None:

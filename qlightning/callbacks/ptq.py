@@ -70,6 +70,10 @@ class PostTrainingQuantization(Callback):
             in its runtime and gets a ``.report.json`` (:func:`qlightning.export`).
         merge_relu: after calibration, merge ReLU/clamp into the following quantizer's qparams
             (FX, PT2E; BatchNorm is already folded when PTQ inserts its observers).
+        layer_report: after conversion, measure each quantized layer's error against the float network
+            (:func:`qlightning.compare_layers`, on a validation batch) into :attr:`layers`, log it
+            (``quant/layer_sqnr/<layer>`` scalars; a bar chart in TensorBoard) and, with ``export``, write
+            ``<export_dir>/layers.json``.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class PostTrainingQuantization(Callback):
         skip: Sequence[SkipEntry] | None = None,
         batch_to_inputs: Callable[[Any], tuple] | None = None,
         merge_relu: bool = True,
+        layer_report: bool = True,
         export: Sequence[str] | None = None,
         export_dir: str | None = None,
     ):
@@ -132,6 +137,10 @@ class PostTrainingQuantization(Callback):
         self.skipped_layers: tuple[str, ...] = ()
         check_flag("merge_relu", merge_relu)
         self.merge_relu = merge_relu
+        check_flag("layer_report", layer_report)
+        self.layer_report = layer_report
+        # The per-layer error of the last int8 model (qlightning.compare_layers), when layer_report is on.
+        self.layers = None
         self.export = check_export_formats(export, self.backend.name)
         if self.export and dynamic and mode != "pt2e":
             raise QuantizationConfigError(
@@ -324,7 +333,26 @@ class PostTrainingQuantization(Callback):
         with _normal_tensors():
             self.exported = export_formats(self._trainer, source, self._example, self.export, self.export_dir,
                                            self._attr, self.backend.name, self.batch_to_inputs)
+            if self.layer_report:
+                self._report_layers(quantized)
         how = "dynamic" if self.dynamic else f"static, calibrated on {self.calibrated_batches} batches"
         rank_zero_info(
             f"qlightning: post-training quantized `{self._attr}` (mode={self.mode}, backend={self.backend.name}, {how})"
         )
+
+    def _report_layers(self, quantized: nn.Module) -> None:
+        from qlightning.callbacks.exporting import check_inputs_from, export_dir_for
+        from qlightning.layers import compare_layers
+        from qlightning.monitoring.layer_report import publish_layer_report
+
+        trainer = self._trainer
+        checks = check_inputs_from(trainer, self.batch_to_inputs)
+        inputs = checks[0] if checks else self._example
+        float_network = getattr(trainer.lightning_module, self._attr)
+        try:
+            self.layers = compare_layers(float_network, quantized, inputs)
+        except ValueError as exc:  # a network compare_layers cannot map; the int8 model itself is fine
+            rank_zero_warn(f"qlightning: no per-layer error report for `{self._attr}`: {exc}")
+            return
+        # layers.json goes beside the exported files; without exports the report is logged only.
+        publish_layer_report(trainer, self.layers, export_dir_for(trainer, self.export_dir) if self.export else None)

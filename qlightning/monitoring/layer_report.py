@@ -1,0 +1,83 @@
+"""The per-layer error report of a converted model (:func:`qlightning.compare_layers`), written where
+users look: ``<export_dir>/layers.json`` and every logger (scalars ``quant/layer_sqnr/<layer>`` and
+``quant/layer_own_sqnr/<layer>``; in TensorBoard also a bar chart image, ``quant/layer_sqnr``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+LAYERS_FILE = "layers.json"
+CHART_TAG = "quant/layer_sqnr"
+
+
+def layer_metrics(report) -> dict[str, float]:
+    """Finite SQNRs as logger scalars (an exact layer's ``inf`` is not a plottable point)."""
+    metrics = {}
+    for layer in report:
+        for tag, value in ((f"quant/layer_sqnr/{layer.name}", layer.sqnr_db),
+                           (f"quant/layer_own_sqnr/{layer.name}", layer.own_sqnr_db)):
+            if math.isfinite(value):
+                metrics[tag] = float(value)
+    return metrics
+
+
+def layer_chart(report) -> np.ndarray:
+    """Horizontal bars, one pair per layer in execution order: SQNR end to end (what the layer's output
+    carries) and of the layer alone (the error it adds itself); the lowest "alone" bar is the layer
+    whose float fallback helps most."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [layer.name for layer in report]
+    def finite(values):
+        return [v if math.isfinite(v) else np.nan for v in values]
+    end_to_end = finite([layer.sqnr_db for layer in report])
+    alone = finite([layer.own_sqnr_db for layer in report])
+    figure = Figure(figsize=(6.5, 1.2 + 0.32 * max(len(names), 1)), dpi=120)
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    rows = np.arange(len(names))
+    axis.barh(rows - 0.2, end_to_end, height=0.4, label="end to end", color="#4c72b0")
+    axis.barh(rows + 0.2, alone, height=0.4, label="layer alone (float input)", color="#dd8452")
+    axis.set_yticks(rows, names, fontsize=7)
+    axis.invert_yaxis()  # execution order, top to bottom
+    axis.set_xlabel("SQNR against the float network (dB, higher is better)", fontsize=8)
+    axis.set_title("quantization error per layer", fontsize=9)
+    axis.legend(fontsize=7, loc="lower right")
+    axis.tick_params(axis="x", labelsize=7)
+    figure.tight_layout()
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def publish_layer_report(trainer: Trainer, report, directory: Path | None) -> Path | None:
+    """Log the report to every logger and, given a directory, write ``layers.json`` there (atomically);
+    rank zero only. Returns the file written."""
+    if not trainer.is_global_zero:
+        return None
+    from qlightning.exporters.atomic import write_text_atomic
+
+    path = None
+    if directory is not None:
+        path = Path(directory) / LAYERS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, report.to_json())
+    metrics = layer_metrics(report)
+    for logger in trainer.loggers:
+        if metrics:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger) and len(report):
+            logger.experiment.add_image(CHART_TAG, layer_chart(report), trainer.global_step, dataformats="HWC")
+    worst = report.worst(1)
+    rank_zero_info(f"qlightning: per-layer error{f' in {path}' if path else ' logged'}" + (
+        f"; most error of its own: {worst[0].name} ({worst[0].own_sqnr_db:.1f} dB alone)" if worst else ""))
+    return path
