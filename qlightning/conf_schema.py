@@ -78,6 +78,11 @@ class PtqSchema(_QuantSchema):
     percentile: Optional[float] = None
     # After conversion: per-layer SQNR against float, logged and written to <export_dir>/layers.json.
     layer_report: bool = True
+    # Accuracy-aware fallback: layers move to float while `monitor` (logged in validation_step, higher is
+    # better) is more than max_accuracy_drop (its units) below float; null: off.
+    max_accuracy_drop: Optional[float] = None
+    monitor: Optional[str] = None
+    max_float_layers: int = 5
 
 
 def register() -> None:

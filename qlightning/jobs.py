@@ -312,6 +312,8 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         "skipped_layers": list(callback.skipped_layers),
         # PTQ: the layers adding the most error of their own (qlightning.compare_layers), worst first.
         "worst_layers": [layer.name for layer in callback.layers.worst(3)] if getattr(callback, "layers", None) else None,
+        # PTQ with max_accuracy_drop: the float metric, each conversion's float layers and metric.
+        "fallback": callback.fallback.to_dict() if getattr(callback, "fallback", None) else None,
         "float_acc": round(accuracy(float_model, val), 2),
         # PTQ has no fake-quantized training model; its int8 model is compared with the float one.
         "fake_quant_acc": None if fake_quant_model is None else round(accuracy(fake_quant_model, val), 2),

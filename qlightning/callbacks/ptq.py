@@ -20,6 +20,10 @@ from qlightning.distributed import sync_quantizer_statistics
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
 from qlightning.skip import SkipEntry, check_skip, resolve_skip
+from qlightning.callbacks.fallback import (
+    FallbackResult, FallbackStep, check_fallback_options, check_fallback_setup, check_monitor_logged, validation_loader,
+    validated_metric,
+)
 from qlightning.observers import available_observers, get_observer
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -74,6 +78,13 @@ class PostTrainingQuantization(Callback):
             (:func:`qlightning.compare_layers`, on a validation batch) into :attr:`layers`, log it
             (``quant/layer_sqnr/<layer>`` scalars; a bar chart in TensorBoard) and, with ``export``, write
             ``<export_dir>/layers.json``.
+        max_accuracy_drop / monitor / max_float_layers: accuracy-aware fallback. After conversion the int8
+            model is validated with the LightningModule's own ``validation_step`` on the validation loader;
+            while ``monitor`` (a metric it logs, higher is better) is more than ``max_accuracy_drop`` (in the
+            metric's units: 0.003 is 0.3 points of an accuracy logged as a fraction) below the float
+            network's, the layer adding the most error of its own (:attr:`layers`) moves to float and the
+            network is calibrated (on the same batches) and converted again, up to ``max_float_layers``
+            layers. The search is in :attr:`fallback`, logged, and in ``summary.json``.
     """
 
     def __init__(
@@ -95,6 +106,9 @@ class PostTrainingQuantization(Callback):
         batch_to_inputs: Callable[[Any], tuple] | None = None,
         merge_relu: bool = True,
         layer_report: bool = True,
+        max_accuracy_drop: float | None = None,
+        monitor: str | None = None,
+        max_float_layers: int = 5,
         export: Sequence[str] | None = None,
         export_dir: str | None = None,
     ):
@@ -139,6 +153,11 @@ class PostTrainingQuantization(Callback):
         self.merge_relu = merge_relu
         check_flag("layer_report", layer_report)
         self.layer_report = layer_report
+        check_fallback_options(max_accuracy_drop, monitor, max_float_layers)
+        self.max_accuracy_drop, self.monitor, self.max_float_layers = max_accuracy_drop, monitor, max_float_layers
+        # The accuracy-aware fallback's search (float metric, each conversion's layers and metric).
+        self.fallback: FallbackResult | None = None
+        self._calibration_inputs: list[tuple] = []
         # The per-layer error of the last int8 model (qlightning.compare_layers), when layer_report is on.
         self.layers = None
         self.export = check_export_formats(export, self.backend.name)
@@ -200,6 +219,9 @@ class PostTrainingQuantization(Callback):
         network = getattr(pl_module, self._attr)
         check_float_network(network, self._attr)
         self.skipped_layers = resolve_skip(network, self.skip)
+        if self.max_accuracy_drop is not None:
+            check_fallback_setup(trainer, pl_module, stage)
+            self._calibration_inputs = []
         self._check_layers(network)
         if stage == "fit":
             # Quantization happens after training: find out now if the network cannot be captured
@@ -244,7 +266,7 @@ class PostTrainingQuantization(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         network = getattr(pl_module, self._attr)
         if self.dynamic:
-            self._finish(self._quantize_without_data(network))
+            self._finish(self._within_budget(self._quantize_without_data(network)))
             return
         loader = trainer.train_dataloader
         if loader is None:
@@ -287,10 +309,13 @@ class PostTrainingQuantization(Callback):
             self._calibrate(batch)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.max_accuracy_drop is not None and trainer.is_global_zero:
+            # The sanity check (fit) or validate's own run: the metric the fallback reads must be logged.
+            check_monitor_logged(trainer, self.monitor)
         if not self._validating(trainer):
             return
         if self.dynamic:
-            self._finish(self._quantize_without_data(getattr(pl_module, self._attr)))
+            self._finish(self._within_budget(self._quantize_without_data(getattr(pl_module, self._attr))))
         else:
             self._convert()
 
@@ -301,6 +326,8 @@ class PostTrainingQuantization(Callback):
         with _normal_tensors():
             self._observed(*inputs)
         self.calibrated_batches += 1
+        if self.max_accuracy_drop is not None:  # the fallback calibrates again on the same batches
+            self._calibration_inputs.append(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs))
 
     def _convert(self) -> None:
         observed, self._observed = self._observed, None
@@ -317,6 +344,9 @@ class PostTrainingQuantization(Callback):
         # Under DDP each rank calibrated on its own shard: reduce the statistics over all ranks
         # so that every rank converts the same model.
         sync_quantizer_statistics(self._impl.observers(observed))
+        self._finish(self._within_budget(self._finalize_and_convert(observed)))
+
+    def _finalize_and_convert(self, observed: nn.Module) -> nn.Module:
         with _normal_tensors():
             self.finalized_network = self._impl.finalize(
                 observed, self._example, fold_bn=False, merge_relu=self.merge_relu,
@@ -324,7 +354,69 @@ class PostTrainingQuantization(Callback):
                 keep_shared_quantizers=self.backend.same_scale_concat,
                 check_inputs=pass_check_inputs(self._trainer, self.batch_to_inputs),
             )
-            self._finish(self._impl.convert(self.finalized_network, self.backend))
+            return self._impl.convert(self.finalized_network, self.backend)
+
+    def _requantize(self, network: nn.Module) -> nn.Module:
+        """Quantize ``network`` again with the current :attr:`skipped_layers`, on the stored batches."""
+        if self.dynamic:
+            return self._quantize_without_data(network)
+        self._observed = self._prepare(network)
+        with _normal_tensors():
+            for inputs in self._calibration_inputs:
+                self._observed(*inputs)
+        observed, self._observed = self._observed, None
+        return self._finalize_and_convert(observed)
+
+    def _within_budget(self, quantized: nn.Module) -> nn.Module:
+        """The accuracy-aware fallback (``max_accuracy_drop``); returns the int8 model it settles on."""
+        if self.max_accuracy_drop is None:
+            return quantized
+        from qlightning.callbacks.exporting import check_inputs_from
+        from qlightning.layers import compare_layers
+
+        trainer = self._trainer
+        pl_module = trainer.lightning_module
+        float_network = getattr(pl_module, self._attr)
+        loader = validation_loader(trainer)
+
+        def evaluate(network) -> float:
+            return validated_metric(pl_module, self._attr, network, loader, self.monitor, trainer.limit_val_batches)
+
+        checks = check_inputs_from(trainer, self.batch_to_inputs)
+        inputs = checks[0] if checks else self._example
+        result = FallbackResult(self.monitor, evaluate(float_network), self.max_accuracy_drop,
+                                [FallbackStep(self.skipped_layers, evaluate(quantized))])
+        added: list[str] = []
+        while not result.within_budget and len(added) < self.max_float_layers:
+            ranked = [layer.name for layer in compare_layers(float_network, quantized, inputs).worst(10**6)]
+            before = self.skipped_layers
+            for name in ranked:  # the first whose fallback changes what stays float
+                candidate = resolve_skip(float_network, [*self.skip, *added, name])
+                if candidate != before:
+                    added.append(name)
+                    self.skipped_layers = candidate
+                    break
+            else:
+                break  # every quantized layer is float already, or none could be ranked
+            quantized = self._requantize(float_network)
+            result.steps.append(FallbackStep(self.skipped_layers, evaluate(quantized), added[-1]))
+            rank_zero_info(f"qlightning: fallback moved `{added[-1]}` to float: {self.monitor} "
+                           f"{result.steps[-1].metric:.4g} (float {result.float_metric:.4g})")
+        self.fallback = result
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                for index, step in enumerate(result.steps):
+                    logger.log_metrics({"quant/fallback/metric": step.metric,
+                                        "quant/fallback/float_layers": float(len(step.float_layers))}, step=index)
+                logger.log_metrics({"quant/fallback/float_metric": result.float_metric}, step=0)
+        if not result.within_budget:
+            rank_zero_warn(
+                f"accuracy-aware fallback stopped {result.drop:.4g} below the float {self.monitor} "
+                f"({result.float_metric:.4g}), beyond max_accuracy_drop={self.max_accuracy_drop} after moving "
+                f"{len(added)} layer(s) to float (max_float_layers={self.max_float_layers}); the int8 model kept is "
+                "the last one tried"
+            )
+        return quantized
 
     def _finish(self, quantized: nn.Module) -> None:
         self.quantized_model = quantized
