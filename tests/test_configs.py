@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -61,6 +62,18 @@ def test_activation_dtype_reaches_the_callback_and_the_backend_default_scheme_fo
     callback = _instantiate(cfg.quant, drop=("epochs",))
     assert (callback.activation_dtype, callback.activation_scheme) == ("int16", "per_tensor_symmetric")
     assert _instantiate(_compose("train").quant, drop=("epochs",)).activation_dtype == "uint8"
+
+
+def test_skip_calibration_and_fallback_options_reach_the_callbacks():
+    cfg = _compose("train", "quant=ptq_static", "quant.skip=[fc2,'re:conv.',class:torch.nn.Linear]",
+                   "quant.observer=percentile", "quant.percentile=99.9", "quant.max_accuracy_drop=0.003",
+                   "quant.monitor=val/acc", "quant.max_float_layers=2")
+    ptq = _instantiate(cfg.quant)
+    assert list(ptq.skip[:2]) == ["fc2", "re:conv."] and ptq.skip[2] is torch.nn.Linear
+    assert (ptq.percentile, ptq.max_accuracy_drop, ptq.monitor, ptq.max_float_layers) == (99.9, 0.003, "val/acc", 2)
+    assert _instantiate(_compose("train", "quant.skip=[fc2]").quant, drop=("epochs",)).skip == ("fc2",)
+    with pytest.raises(ConfigCompositionException):
+        _compose("train", "quant=ptq_static", "quant.max_float_layers=two")
 
 
 @pytest.mark.parametrize("name", ["quantize", "export"])
