@@ -63,6 +63,8 @@ class QatSchema(_QuantSchema):
     freeze_bn_epoch: Optional[int] = None
     freeze_observers_epoch: Optional[int] = None
     fold_bn: bool = True
+    # At fit end: per-layer SQNR against the float network with the trained weights (layers.json, loggers).
+    layer_report: bool = True
     # Run length of the QAT phase (read by the job, not a callback argument).
     epochs: int = 3
 

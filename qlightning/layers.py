@@ -61,6 +61,7 @@ the activations), plus one call of each int8 layer alone; no second network run 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -477,7 +478,9 @@ def _compare_modules(float_network: nn.Module, quantized: nn.Module, inputs: tup
     for name, module in quantized.named_modules():
         float_name = _float_name_of(name, prefix)
         # A quantized Linear holds its packed weights in a child module: not a leaf, still one op.
-        if float_name is not None and name and (_is_quantized_layer(module) or next(module.children(), None) is None):
+        # Eager's FloatRegion (skip=) stands where its float layer is: present, so not fused away.
+        if float_name is not None and name and (_is_quantized_layer(module) or next(module.children(), None) is None
+                                                or type(module).__name__ == "FloatRegion"):
             watched[float_name] = module
     arrived: dict[str, list] = defaultdict(list)  # per call: the tensor that reached the module
     produced: dict[str, list] = defaultdict(list)  # per call: its output (as returned)
@@ -524,6 +527,8 @@ def _compare_modules(float_network: nn.Module, quantized: nn.Module, inputs: tup
 
     def is_layer(name: str) -> bool:
         module = watched[name]
+        if type(module).__name__ == "FloatRegion":
+            return False  # kept float (skip=); its output's re-quantization shows in the next layer's input
         if _is_quantized_layer(module):
             return True
         # A float module run on int8 tensors that rounds its result onto the grid (average pooling).
@@ -918,9 +923,53 @@ def compare_layers(float_network: nn.Module, quantized_network: nn.Module, input
                 "(callback.quantized_model), not the float network or a fake-quantized one (prepared / finalized "
                 "networks compute in float or fake-quantize; they are not read by compare_layers)"
             )
+    # A module that computes nothing in eval (dropout, identity) has no error of its own to rank, only the
+    # re-quantization of its input (mobilenet_v2's classifier.0 was listed, and skipping it changed nothing).
+    modules = dict(float_network.named_modules())
+    report = LayerReport([layer for layer in report
+                          if not isinstance(modules.get(layer.name), (nn.Identity, nn.modules.dropout._DropoutNd))],
+                         report.source)
     if not report:
         raise ValueError(
             f"no int8 layer of {type(quantized_network).__name__} matches a module of {type(float_network).__name__}: "
             "pass the float network the int8 one was converted from"
         )
     return report
+
+
+def trained_float_network(float_template: nn.Module, prepared: nn.Module) -> nn.Module:
+    """The float network with the weights QAT trained into ``prepared`` (any mode), as the float
+    reference of :func:`compare_layers` for a QAT int8 model.
+
+    ``float_template`` is a copy of the network before preparation (its architecture; its weights are
+    replaced). Each mode keeps the trained tensors under names derived from the float ones: PT2E under
+    ``graph_module.``, eager under its wrapper's ``net.``; a fused QAT conv-bn keeps its BatchNorm as
+    ``<conv>.bn`` (eager/FX); a float fused group is a Sequential ``<conv>.0``, ``<conv>.1`` ...; an eager
+    layer kept float sits in ``<name>.module``. Raises ``ValueError`` when a float tensor has no trained
+    counterpart of its shape."""
+    from qlightning.modes.fusion import find_modules_to_fuse
+
+    twin = copy.deepcopy(float_template)
+    wanted = twin.state_dict()
+    prefix = {"ExportedNetwork": "graph_module.", "EagerQuantWrapper": "net."}.get(type(prepared).__name__, "")
+    member = {}  # a fused module's child -> the float module it came from
+    for group in find_modules_to_fuse(twin):
+        for index, name in enumerate(group):
+            member[f"{group[0]}.{index}"] = name
+        if len(group) >= 2 and isinstance(twin.get_submodule(group[1]), nn.modules.batchnorm._BatchNorm):
+            member[f"{group[0]}.bn"] = group[1]
+    found = {}
+    for key, value in prepared.state_dict().items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):].replace(".module.", ".")
+        owner, _, attr = name.rpartition(".")
+        name = f"{member.get(owner, owner)}.{attr}"
+        if name in wanted and wanted[name].shape == value.shape:
+            found[name] = value.detach().cpu().clone()
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise ValueError(f"no trained tensor for {missing[:5]}{' ...' if len(missing) > 5 else ''} in the prepared "
+                         f"{type(prepared).__name__}")
+    twin.load_state_dict(found)
+    return twin.eval()

@@ -23,6 +23,8 @@ from torch import nn
 from qlightning.errors import QuantizationConfigError
 
 SkipEntry = Union[str, type]
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.LeakyReLU,
+                nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish)
 
 REGEX_PREFIX = "re:"
 CLASS_PREFIX = "class:"
@@ -102,7 +104,7 @@ def resolve_skip(network: nn.Module, skip: Sequence[SkipEntry]) -> tuple[str, ..
     stay float with it and are not listed separately."""
     if not skip:
         return ()
-    from qlightning.modes.fusion import find_modules_to_fuse
+    from qlightning.modes.fusion import find_modules_to_fuse, module_chains
 
     modules = dict(network.named_modules())
     names = [n for n in modules if n]
@@ -115,6 +117,13 @@ def resolve_skip(network: nn.Module, skip: Sequence[SkipEntry]) -> tuple[str, ..
     for group in find_modules_to_fuse(network):
         if matched.intersection(group):
             matched.update(group)
+    # An activation module right after a kept-float conv/linear(-bn) goes with it too (ReLU6, hardswish,
+    # SiLU...: eager's fusion patterns know only ReLU; mobilenet_v2's ConvBNReLU6 kept its ReLU6 quantized).
+    for chain in module_chains(network):
+        for before, after in zip(chain, chain[1:]):
+            if before in matched and isinstance(modules.get(after), _ACTIVATIONS) and isinstance(
+                    modules.get(before), (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+                matched.add(after)
     # Keep only the outermost names: a skipped container covers its children.
     outermost = [n for n in names if n in matched and not any(n.startswith(p + ".") for p in matched)]
     leaves = [n for n in names if not any(True for _ in modules[n].children())]

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import operator
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from qlightning import PostTrainingQuantization, QuantizationAwareTraining, QuantizationConfigError
+from qlightning.layers import trained_float_network
 from qlightning.models import SmallCNN, accuracy
 from qlightning.skip import check_skip, resolve_skip
 from tests.conftest import trainer_kwargs
@@ -164,6 +166,7 @@ def test_dynamic_ptq_keeps_skipped_linear_float(mode, trained, digits):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_qat_trains_skipped_layers_without_quantizers(mode, classifier, digits):
+    float_copy = copy.deepcopy(classifier.net)
     qat = QuantizationAwareTraining(mode, "x86", skip=["fc2"])
     trainer = L.Trainer(**trainer_kwargs(callbacks=[qat], max_epochs=1))
     trainer.fit(classifier, digits)
@@ -183,6 +186,17 @@ def test_qat_trains_skipped_layers_without_quantizers(mode, classifier, digits):
         # The float layer of the int8 model is the trained one.
         trained_fc2 = prepared.net.fc2.module if mode == "eager" else prepared.fc2
         assert torch.equal(fc2.weight, trained_fc2.weight)
+    # The per-layer report compares the int8 model with the float network of the trained weights; the
+    # skipped layer is not in it, and every int8 layer keeps its 8-bit error above 20 dB (a step of 1/256
+    # of a range spread over its values; a wrong twin of the trained weights measured 0-5 dB).
+    assert qat.layers.names == ["conv1", "conv2", "fc1"]
+    # The reference holds the trained tensors (a twin of the initial weights would not).
+    twin = trained_float_network(float_copy, prepared)
+    trained_conv2 = prepared.get_submodule({"eager": "net.conv2", "fx": "conv2", "pt2e": "graph_module.conv2"}[mode]).weight
+    assert torch.equal(twin.conv2.weight, trained_conv2) and not torch.equal(twin.conv2.weight, float_copy.conv2.weight)
+    # Finite, and each layer's own error no larger than what its output carries end to end (0.5 dB slack
+    # for the rounding of the float input onto the layer's input grid, which only the own run adds).
+    assert all(math.isfinite(l.sqnr_db) and l.own_sqnr_db >= l.sqnr_db - 0.5 for l in qat.layers), qat.layers.format()
     # The checkpointed config carries the entries: resuming with other skipped layers is refused.
     state = qat.state_dict()
     assert state["skip"] == ["fc2"]

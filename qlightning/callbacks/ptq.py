@@ -434,17 +434,11 @@ class PostTrainingQuantization(Callback):
 
     def _report_layers(self, quantized: nn.Module) -> None:
         from qlightning.callbacks.exporting import check_inputs_from, export_dir_for
-        from qlightning.layers import compare_layers
-        from qlightning.monitoring.layer_report import publish_layer_report
+        from qlightning.monitoring.layer_report import report_layers
 
         trainer = self._trainer
         checks = check_inputs_from(trainer, self.batch_to_inputs)
-        inputs = checks[0] if checks else self._example
-        float_network = getattr(trainer.lightning_module, self._attr)
-        try:
-            self.layers = compare_layers(float_network, quantized, inputs)
-        except ValueError as exc:  # a network compare_layers cannot map; the int8 model itself is fine
-            rank_zero_warn(f"qlightning: no per-layer error report for `{self._attr}`: {exc}")
-            return
         # layers.json goes beside the exported files; without exports the report is logged only.
-        publish_layer_report(trainer, self.layers, export_dir_for(trainer, self.export_dir) if self.export else None)
+        directory = export_dir_for(trainer, self.export_dir) if self.export else None
+        self.layers = report_layers(trainer, self._attr, getattr(trainer.lightning_module, self._attr), quantized,
+                                    checks[0] if checks else self._example, directory)

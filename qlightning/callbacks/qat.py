@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any, Sequence
 
@@ -49,6 +50,10 @@ class QuantizationAwareTraining(Callback):
             fusion group (conv-bn-relu) float with it; :attr:`skipped_layers` lists what was kept float.
         fold_bn: at fit end, fold BatchNorm into the QAT conv/linear layers before conversion.
         merge_relu: at fit end, merge ReLU/clamp into the following quantizer's qparams (FX, PT2E).
+        layer_report: at fit end, measure each quantized layer's error against the float network with the
+            trained weights (:func:`qlightning.compare_layers`, on a validation batch) into :attr:`layers`,
+            log it (``quant/layer_sqnr/<layer>``; a bar chart in TensorBoard) and, with ``export``, write
+            ``<export_dir>/layers.json``.
         export / export_dir: formats to export at fit end (``["onnx"]``, ``"pt2"``) under ``export_dir``
             (default ``<trainer.log_dir>/quantized``); each file is verified in its runtime against the
             fake-quantized network and gets a ``.report.json`` (:func:`qlightning.export`).
@@ -73,6 +78,7 @@ class QuantizationAwareTraining(Callback):
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         skip: Sequence[SkipEntry] | None = None,
         fold_bn: bool = True,
+        layer_report: bool = True,
         merge_relu: bool = True,
         export: Sequence[str] | None = None,
         export_dir: str | None = None,
@@ -95,6 +101,11 @@ class QuantizationAwareTraining(Callback):
         # Module names of the network kept float, found at setup (fusion partners included).
         self.skipped_layers: tuple[str, ...] = ()
         check_flag("fold_bn", fold_bn)
+        check_flag("layer_report", layer_report)
+        self.layer_report = layer_report
+        # The per-layer error of the int8 model against the float network with the trained weights.
+        self.layers = None
+        self._float_template: nn.Module | None = None
         check_flag("merge_relu", merge_relu)
         self.fold_bn, self.merge_relu = fold_bn, merge_relu
         self.export = check_export_formats(export, self.backend.name)
@@ -174,6 +185,9 @@ class QuantizationAwareTraining(Callback):
         network = getattr(pl_module, self._attr)
         check_float_network(network, self._attr)
         self.skipped_layers = resolve_skip(network, self.skip)
+        # The architecture, for the float twin of the trained weights the per-layer report compares against
+        # (preparing may rewrite the network in place: eager fuses and wraps it).
+        self._float_template = copy.deepcopy(network).cpu() if self.layer_report else None
         prepared = self._impl.prepare_qat(
             network, example_inputs, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse,
             skip=self.skipped_layers,
@@ -322,6 +336,23 @@ class QuantizationAwareTraining(Callback):
         self.quantized_model = self._impl.convert(self.finalized_network, self.backend)
         self.exported = export_formats(trainer, self.finalized_network, self._example, self.export, self.export_dir,
                                        self._attr, self.backend.name)
+        if self.layer_report and self._float_template is not None:
+            self._report_layers(trainer)
+
+    def _report_layers(self, trainer: Trainer) -> None:
+        from qlightning.callbacks.exporting import check_inputs_from, export_dir_for
+        from qlightning.layers import trained_float_network
+        from qlightning.monitoring.layer_report import report_layers
+
+        try:
+            reference = trained_float_network(self._float_template, self._prepared)
+        except ValueError as exc:
+            rank_zero_warn(f"qlightning: no per-layer error report for `{self._attr}`: {exc}")
+            return
+        checks = check_inputs_from(trainer)
+        directory = export_dir_for(trainer, self.export_dir) if self.export else None
+        inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in (checks[0] if checks else self._example))
+        self.layers = report_layers(trainer, self._attr, reference, self.quantized_model, inputs, directory)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

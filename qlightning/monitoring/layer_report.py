@@ -81,3 +81,20 @@ def publish_layer_report(trainer: Trainer, report, directory: Path | None) -> Pa
     rank_zero_info(f"qlightning: per-layer error{f' in {path}' if path else ' logged'}" + (
         f"; most error of its own: {worst[0].name} ({worst[0].own_sqnr_db:.1f} dB alone)" if worst else ""))
     return path
+
+
+def report_layers(trainer: Trainer, name: str, float_network, quantized, inputs: tuple, directory: Path | None):
+    """:func:`qlightning.compare_layers` of ``quantized`` against ``float_network``, published (see
+    :func:`publish_layer_report`); ``None``, with a warning, for a network it cannot map (the int8 model
+    itself is fine then)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    from qlightning.layers import compare_layers
+
+    try:
+        report = compare_layers(float_network, quantized, inputs)
+    except ValueError as exc:
+        rank_zero_warn(f"qlightning: no per-layer error report for `{name}`: {exc}")
+        return None
+    publish_layer_report(trainer, report, directory)
+    return report
