@@ -782,22 +782,19 @@ def _replay(nodes: list[fx.Node], value: torch.Tensor, env: dict) -> torch.Tenso
 
 def _between(source: fx.Node, target: fx.Node) -> list[fx.Node]:
     """The nodes on some path from ``source`` to ``target`` (both included), in graph order."""
-    ancestors, stack = set(), [target]
-    while stack:
-        node = stack.pop()
-        if node in ancestors:
-            continue
-        ancestors.add(node)
-        stack.extend(node.all_input_nodes)
-    descendants, stack = set(), [source]
-    while stack:
-        node = stack.pop()
-        if node in descendants:
-            continue
-        descendants.add(node)
-        stack.extend(node.users)
-    inside = ancestors & descendants
+    inside = _reachable(target, lambda n: n.all_input_nodes) & _reachable(source, lambda n: n.users)
     return [n for n in target.graph.nodes if n in inside]
+
+
+def _reachable(start: fx.Node, neighbours) -> set[fx.Node]:
+    """``start`` and every node reached from it through ``neighbours(node)``."""
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(neighbours(node))
+    return seen
 
 
 def _alone(region: _Region, float_input: torch.Tensor, env: dict):
