@@ -82,10 +82,11 @@ def test_callback_state_roundtrip_and_old_checkpoints_load():
         "weight_scheme": "per_channel_symmetric",
         "activation_scheme": "per_tensor_affine",
         "activation_dtype": "uint8",  # added with A16W8; states without it (older checkpoints) still load
+        "skip": [],  # added with skip=; likewise optional in older states
         "observers_frozen": False,
         "bn_frozen": False,
     }
-    assert all(isinstance(v, (int, str, bool)) for v in state.values())
+    assert all(isinstance(v, (int, str, bool, list)) for v in state.values())
     qat.load_state_dict({"mode": "fx"})  # an older, smaller state still loads
     with pytest.raises(QuantizationConfigError, match="trained with backend='qnnpack'"):
         qat.load_state_dict({"mode": "fx", "backend": "qnnpack"})
