@@ -390,6 +390,7 @@ def trained(digits):
     """A SmallCNN trained briefly (2 epochs of 12 batches: 81 % on the digits validation set); PTQ copies it."""
     L.seed_everything(0, verbose=False)
     model = ImageClassifier(SmallCNN(), lr=3e-3)
+    # Trains the float weights the PTQ tests start from; no callback here, so validation would only cost time.
     L.Trainer(**trainer_kwargs(max_epochs=2, limit_train_batches=12, limit_val_batches=0)).fit(model, digits)
     return model
 

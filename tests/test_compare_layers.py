@@ -35,6 +35,8 @@ MEMBERS = {"conv1": ("conv1", "bn1", "relu1"), "conv2": ("conv2", "bn2", "relu2"
 def trained(digits):
     L.seed_everything(0, verbose=False)
     model = ImageClassifier(GuideNet(image_size=8, hidden=32), lr=3e-3)
+    # A fixture training float weights, with no callback under test: validation, bar and summary would only
+    # cost time here; the tests below use a Trainer with Lightning's defaults.
     L.Trainer(**trainer_kwargs(max_epochs=3, limit_train_batches=20, limit_val_batches=0,
                                enable_progress_bar=False, enable_model_summary=False)).fit(model, digits)
     return model
