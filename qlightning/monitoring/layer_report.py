@@ -42,7 +42,7 @@ def layer_chart(report) -> np.ndarray:
         return [v if math.isfinite(v) else np.nan for v in values]
     end_to_end = finite([layer.sqnr_db for layer in report])
     alone = finite([layer.own_sqnr_db for layer in report])
-    figure = Figure(figsize=(6.5, 1.2 + 0.32 * max(len(names), 1)), dpi=120)
+    figure = Figure(figsize=(6.5, 1.6 + 0.32 * max(len(names), 1)), dpi=120)
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
     rows = np.arange(len(names))
@@ -52,7 +52,8 @@ def layer_chart(report) -> np.ndarray:
     axis.invert_yaxis()  # execution order, top to bottom
     axis.set_xlabel("SQNR against the float network (dB, higher is better)", fontsize=8)
     axis.set_title("quantization error per layer", fontsize=9)
-    axis.legend(fontsize=7, loc="lower right")
+    # Below the axis: inside, it covered the last layers' bars.
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
     axis.tick_params(axis="x", labelsize=7)
     figure.tight_layout()
     figure.canvas.draw()
