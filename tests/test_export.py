@@ -169,8 +169,10 @@ def test_callbacks_export_at_the_end(mode, digits, tmp_path):
     trainer = L.Trainer(**trainer_kwargs(callbacks=[qat], default_root_dir=tmp_path, limit_train_batches=8))
     trainer.fit(model, digits)
     out = tmp_path / "quantized"  # <trainer.log_dir or default_root_dir>/quantized
-    assert sorted(p.name for p in out.iterdir()) == ["net.onnx", "net.onnx.report.json", "net.pt2",
+    assert sorted(p.name for p in out.iterdir()) == ["layers.json", "net.onnx", "net.onnx.report.json", "net.pt2",
                                                       "net.pt2.report.json"]
+    # Beside the exports, the per-layer error of the int8 model against the float network of the trained weights.
+    assert [layer["name"] for layer in json.loads((out / "layers.json").read_text())["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
     report = qat.exported["onnx"]
     assert report["check_samples"] == 2 + 360  # example inputs + the validation set's batches
     assert report["top1_agreement"] >= 0.99 and report["backend"] == "x86"

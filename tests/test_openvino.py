@@ -16,7 +16,7 @@ def test_qat_digits_cnn_runs_in_openvino_within_2_points_of_float(mode, float_ba
     model, qat = qat_from_float_baseline(float_baseline, digits, mode, "openvino", export=["openvino"],
                                          export_dir=tmp_path)
     xml, weights = tmp_path / "net.xml", tmp_path / "net.bin"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.bin", "net.xml", "net.xml.report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.json", "net.bin", "net.xml", "net.xml.report.json"]
     report = json.loads((tmp_path / "net.xml.report.json").read_text())
     assert report["runtime"] == "openvino" and report["files"] == ["net.xml", "net.bin"]
     assert report["num_quantized_ops"] == 4 and report["num_float_ops"] == 0  # 2 convs + 2 linears in u8/i8

@@ -22,7 +22,7 @@ def test_qat_digits_cnn_runs_in_litert_within_2_points_of_float(mode, float_base
     model, qat = qat_from_float_baseline(float_baseline, digits, mode, "tflite", export=["tflite"],
                                          export_dir=tmp_path)
     path = tmp_path / "net.tflite"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.tflite", "net.tflite.report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.json", "net.tflite", "net.tflite.report.json"]
     report = json.loads((tmp_path / "net.tflite.report.json").read_text())
     assert report["runtime"] == "ai-edge-litert"
     assert report["num_quantized_ops"] == 4 and report["num_float_ops"] == 0  # 2 convs + 2 fully connected, int8
