@@ -26,6 +26,13 @@ def cpu_info() -> dict:
     }
 
 
+def machine_description(threads: int) -> str:
+    """The machine line of a measured table: CPU model, threads, and the int8-relevant flags."""
+    info = cpu_info()
+    flags = ", ".join(f"{k} {'yes' if info[k] else 'no'}" for k in ("avx2", "avx512_vnni", "avx_vnni", "amx"))
+    return f"{info['model']}, {threads} threads; {flags}"
+
+
 def u8s8_saturates() -> bool:
     """Whether ONNX Runtime's u8 x s8 integer kernels can saturate on this CPU.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from qlightning.activation_table import markdown, run_cells
-from qlightning.cpu import cpu_info
+from qlightning.cpu import machine_description
 from qlightning.exporters.atomic import write_json, write_text_atomic
 from qlightning.zoo import ZooConfig, jsonable
 
@@ -36,11 +36,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     start = time.perf_counter()
     cells = run_cells(args.models.split(","), config, Path(args.workdir), methods=tuple(args.methods.split(",")))
-    info = cpu_info()
     meta = {
         "command": "python scripts/activation_dtypes.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{info['model']}, {torch.get_num_threads()} threads; "
-                   + ", ".join(f"{k} {'yes' if info[k] else 'no'}" for k in ("avx2", "avx512_vnni", "avx_vnni", "amx")),
+        "machine": machine_description(torch.get_num_threads()),
         "date": datetime.date.today().isoformat(),
         "minutes": (time.perf_counter() - start) / 60,
         "config": dataclasses.asdict(config),

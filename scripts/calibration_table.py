@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qlightning.calibration_table import METHODS, MODELS, X86_METHODS, markdown, parse_method, run_network
-from qlightning.cpu import cpu_info
+from qlightning.cpu import machine_description
 from qlightning.exporters.atomic import write_json, write_text_atomic
 from qlightning.zoo import ZooConfig, jsonable
 
@@ -78,13 +78,11 @@ def main(argv=None) -> int:
     networks = [run_network(name, config, Path(args.workdir), Path(args.float_cache), methods, x86_methods,
                             parse_method(args.skip_method), n_skip=args.skip_layers)
                 for name in args.models.split(",")]
-    info = cpu_info()
     import torchao
 
     meta = {
         "command": "python scripts/calibration_table.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{info['model']}, {torch.get_num_threads()} threads; "
-                   + ", ".join(f"{k} {'yes' if info[k] else 'no'}" for k in ("avx2", "avx512_vnni", "avx_vnni", "amx")),
+        "machine": machine_description(torch.get_num_threads()),
         "date": datetime.date.today().isoformat(),
         "minutes": (time.perf_counter() - start) / 60,
         "torch": torch.__version__,
