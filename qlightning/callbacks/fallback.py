@@ -90,13 +90,16 @@ def check_fallback_setup(trainer: Trainer, pl_module: LightningModule, stage: st
         )
 
 
+def _not_logged(monitor: str, logged) -> QuantizationConfigError:
+    return QuantizationConfigError(
+        f"monitor={monitor!r} is not logged in validation_step; logged metrics: {sorted(logged) or 'none'}"
+    )
+
+
 def check_monitor_logged(trainer: Trainer, monitor: str) -> None:
     """After the first validation run (the sanity check, or validate's own run): the metric must be there."""
     if monitor not in trainer.callback_metrics:
-        logged = sorted(trainer.callback_metrics)
-        raise QuantizationConfigError(
-            f"monitor={monitor!r} is not logged in validation_step; logged metrics: {logged or 'none'}"
-        )
+        raise _not_logged(monitor, trainer.callback_metrics)
 
 
 def validation_loader(trainer: Trainer):
@@ -131,7 +134,5 @@ def validated_metric(pl_module: LightningModule, attr: str, network, loader, mon
     results = evaluator.validate(probe, dataloaders=loader, verbose=False)
     metrics = results[0] if results else {}
     if monitor not in metrics:
-        raise QuantizationConfigError(
-            f"monitor={monitor!r} is not logged in validation_step; logged metrics: {sorted(metrics) or 'none'}"
-        )
+        raise _not_logged(monitor, metrics)
     return float(metrics[monitor])

@@ -14,16 +14,16 @@ from torch import nn
 
 from qlightning.calibration import DEFAULT_PERCENTILE, check_percentile
 from qlightning.callbacks.config import build_recipe, check_flag, check_modules_to_fuse
+from qlightning.callbacks.fallback import (
+    FallbackResult, FallbackStep, check_fallback_options, check_fallback_setup, check_monitor_logged, validation_loader,
+    validated_metric,
+)
 from qlightning.callbacks.exporting import check_export_formats, export_formats, first_element_inputs, pass_check_inputs
 from qlightning.callbacks.target import check_float_network, resolve_example_inputs, resolve_network
 from qlightning.distributed import sync_quantizer_statistics
 from qlightning.errors import QuantizationConfigError
 from qlightning.modes.registry import get_mode
 from qlightning.skip import SkipEntry, check_skip, resolve_skip
-from qlightning.callbacks.fallback import (
-    FallbackResult, FallbackStep, check_fallback_options, check_fallback_setup, check_monitor_logged, validation_loader,
-    validated_metric,
-)
 from qlightning.observers import available_observers, get_observer
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -360,11 +360,10 @@ class PostTrainingQuantization(Callback):
         """Quantize ``network`` again with the current :attr:`skipped_layers`, on the stored batches."""
         if self.dynamic:
             return self._quantize_without_data(network)
-        self._observed = self._prepare(network)
+        observed = self._prepare(network)
         with _normal_tensors():
             for inputs in self._calibration_inputs:
-                self._observed(*inputs)
-        observed, self._observed = self._observed, None
+                observed(*inputs)
         return self._finalize_and_convert(observed)
 
     def _within_budget(self, quantized: nn.Module) -> nn.Module:
@@ -388,7 +387,8 @@ class PostTrainingQuantization(Callback):
                                 [FallbackStep(self.skipped_layers, evaluate(quantized))])
         added: list[str] = []
         while not result.within_budget and len(added) < self.max_float_layers:
-            ranked = [layer.name for layer in compare_layers(float_network, quantized, inputs).worst(10**6)]
+            report = compare_layers(float_network, quantized, inputs)
+            ranked = [layer.name for layer in report.worst(len(report))]
             before = self.skipped_layers
             for name in ranked:  # the first whose fallback changes what stays float
                 candidate = resolve_skip(float_network, [*self.skip, *added, name])
@@ -433,12 +433,8 @@ class PostTrainingQuantization(Callback):
         )
 
     def _report_layers(self, quantized: nn.Module) -> None:
-        from qlightning.callbacks.exporting import check_inputs_from, export_dir_for
         from qlightning.monitoring.layer_report import report_layers
 
-        trainer = self._trainer
-        checks = check_inputs_from(trainer, self.batch_to_inputs)
-        # layers.json goes beside the exported files; without exports the report is logged only.
-        directory = export_dir_for(trainer, self.export_dir) if self.export else None
-        self.layers = report_layers(trainer, self._attr, getattr(trainer.lightning_module, self._attr), quantized,
-                                    checks[0] if checks else self._example, directory)
+        float_network = getattr(self._trainer.lightning_module, self._attr)
+        self.layers = report_layers(self._trainer, self._attr, lambda: float_network, quantized, self._example,
+                                    self.export, self.export_dir, self.batch_to_inputs)

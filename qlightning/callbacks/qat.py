@@ -340,19 +340,12 @@ class QuantizationAwareTraining(Callback):
             self._report_layers(trainer)
 
     def _report_layers(self, trainer: Trainer) -> None:
-        from qlightning.callbacks.exporting import check_inputs_from, export_dir_for
         from qlightning.layers import trained_float_network
         from qlightning.monitoring.layer_report import report_layers
 
-        try:
-            reference = trained_float_network(self._float_template, self._prepared)
-        except Exception as exc:  # noqa: BLE001 - a diagnostic: the int8 model and exports stand without it
-            rank_zero_warn(f"qlightning: no per-layer error report for `{self._attr}`: {exc}")
-            return
-        checks = check_inputs_from(trainer)
-        directory = export_dir_for(trainer, self.export_dir) if self.export else None
-        inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in (checks[0] if checks else self._example))
-        self.layers = report_layers(trainer, self._attr, reference, self.quantized_model, inputs, directory)
+        self.layers = report_layers(trainer, self._attr,
+                                    lambda: trained_float_network(self._float_template, self._prepared),
+                                    self.quantized_model, self._example, self.export, self.export_dir)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
 
 LAYERS_FILE = "layers.json"
 CHART_TAG = "quant/layer_sqnr"
@@ -84,19 +87,25 @@ def publish_layer_report(trainer: Trainer, report, directory: Path | None) -> Pa
     return path
 
 
-def report_layers(trainer: Trainer, name: str, float_network, quantized, inputs: tuple, directory: Path | None):
-    """:func:`qlightning.compare_layers` of ``quantized`` against ``float_network``, published (see
-    :func:`publish_layer_report`); ``None``, with a warning, for a network it cannot map (the int8 model
-    itself is fine then)."""
+def report_layers(trainer: Trainer, name: str, float_network: Callable[[], nn.Module], quantized: nn.Module,
+                  example_inputs: tuple, export: Sequence[str], export_dir, batch_to_inputs=None):
+    """What both callbacks do after conversion: :func:`qlightning.compare_layers` of ``quantized`` against
+    the network ``float_network()`` builds, on the first validation batch (else the example inputs),
+    published (:func:`publish_layer_report`; ``layers.json`` beside the exports, only when exporting).
+    ``None``, with a warning, when the report cannot be made: it is a diagnostic, and the int8 model and
+    its exports stand without it."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+    from qlightning.callbacks.exporting import check_inputs_from, export_dir_for, first_element_inputs
     from qlightning.layers import compare_layers
 
+    checks = check_inputs_from(trainer, batch_to_inputs or first_element_inputs)
+    inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in (checks[0] if checks else example_inputs))
     try:
-        report = compare_layers(float_network, quantized, inputs)
+        report = compare_layers(float_network(), quantized, inputs)
     except Exception as exc:  # noqa: BLE001 - a diagnostic: the int8 model and exports stand without it
         rank_zero_warn(f"qlightning: no per-layer error report for `{name}` ({type(exc).__name__}: {exc}); "
                        "the int8 model and its exports are unaffected")
         return None
-    publish_layer_report(trainer, report, directory)
+    publish_layer_report(trainer, report, export_dir_for(trainer, export_dir) if export else None)
     return report
