@@ -114,12 +114,13 @@ def resolve_skip(network: nn.Module, skip: Sequence[SkipEntry]) -> tuple[str, ..
         if not hits:
             raise _no_match_error(entry, network, names)
         matched |= hits
-    for group in find_modules_to_fuse(network):
+    chains = module_chains(network)  # one symbolic trace for both expansions below
+    for group in find_modules_to_fuse(network, chains):
         if matched.intersection(group):
             matched.update(group)
     # An activation module right after a kept-float conv/linear(-bn) goes with it too (ReLU6, hardswish,
     # SiLU...: eager's fusion patterns know only ReLU; mobilenet_v2's ConvBNReLU6 kept its ReLU6 quantized).
-    for chain in module_chains(network):
+    for chain in chains:
         for before, after in zip(chain, chain[1:]):
             if before in matched and isinstance(modules.get(after), _ACTIVATIONS) and isinstance(
                     modules.get(before), (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)):

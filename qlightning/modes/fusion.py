@@ -47,10 +47,11 @@ def module_chains(net: nn.Module) -> list[list[str]]:
     return chains
 
 
-def find_modules_to_fuse(net: nn.Module) -> list[list[str]]:
-    """conv-bn(-relu), conv-relu, linear-bn, linear-relu and bn-relu groups, found automatically."""
+def find_modules_to_fuse(net: nn.Module, chains: list[list[str]] | None = None) -> list[list[str]]:
+    """conv-bn(-relu), conv-relu, linear-bn, linear-relu and bn-relu groups, found automatically
+    (``chains``: :func:`module_chains` of ``net``, when the caller has traced it already)."""
     groups = []
-    for chain in module_chains(net):
+    for chain in module_chains(net) if chains is None else chains:
         i = 0
         while i < len(chain):
             for pattern in _FUSABLE:
