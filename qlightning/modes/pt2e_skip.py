@@ -55,11 +55,12 @@ def strip_skipped_annotations(model: torch.fx.GraphModule, skipped: Sequence[str
     # linear-relu's output is quantized by the next linear's input spec) would leave a quantized layer
     # in front of a skipped one with a float output: ONNX Runtime then cannot fuse it into an integer
     # kernel and runs it in float too. Such an edge's spec moves to the producer's output.
+    stripped_set = set(stripped)  # membership tests below, over every annotated location of the graph
     boundary = [(arg, spec) for node in stripped for arg, spec in node.meta[_ANNOTATION].input_qspec_map.items()
-                if spec is not None and arg not in stripped]
+                if spec is not None and arg not in stripped_set]
     for node in stripped:
         del node.meta[_ANNOTATION]
-    removed = {loc for loc in located if (loc[1] if isinstance(loc, tuple) else loc) in stripped}
+    removed = {loc for loc in located if (loc[1] if isinstance(loc, tuple) else loc) in stripped_set}
 
     def own_spec(spec):
         """Follow shared specs into removed locations until a spec that stands on its own."""
