@@ -8,10 +8,12 @@ in PT2E, calibrated through ``trainer.validate(model, dataloaders=<train loader>
 in torch) on the test images: top-1 accuracy, and the SQNR of its logits against the float network's.
 
 The skip experiment: :func:`qlightning.compare_layers` on a batch of validation images ranks the layers of
-the min/max int8 network by the error each adds by itself (``own_sqnr_db``); each of the worst and best
-ones is then kept float (``skip=[name]``, which takes its fusion group along) and the network quantized
-again. Whether the report names the layers whose skip helps most is the Spearman rank correlation between
-a layer's own SQNR and the gain in logits SQNR its skip buys (negative: the report is right).
+the min/max int8 network by the logits SQNR each would gain kept float (``skip_gain_db``, ``report.worst``);
+the report's worst and best layers, and those with the lowest own SQNR (the error a layer adds by itself),
+are then kept float (``skip=[name]``, which takes its fusion group along) and the network quantized again.
+Whether the report names the layers whose skip helps most is the Spearman rank correlation between the
+predicted and the measured gain (positive: the report is right), and the largest difference between them;
+the own SQNR's correlation with the measured gain is kept as the contrast.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Bench:
     float_logits: torch.Tensor
     report_batch: torch.Tensor
     workdir: Path
+    report_float_logits: torch.Tensor | None = None
 
     def float_network(self) -> torch.nn.Module:
         return _network(self.zoo_model, "pt2e", self.weights).eval()
@@ -88,8 +91,9 @@ def bench(name: str, config: ZooConfig, workdir: Path, cache: Path) -> Bench:
     test = list(data.test_dataloader())
     images, labels = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
     net = _network(zoo_model, "pt2e", weights).eval()
+    report_batch = next(iter(data.val_dataloader()))[0]
     return Bench(zoo_model, config, weights, info["float_acc"], data, images, labels, logits(net, images),
-                 next(iter(data.val_dataloader()))[0], workdir / name)
+                 report_batch, workdir / name, logits(net, report_batch))
 
 
 def quantize(b: Bench, backend: str, method: Method, skip: list[str] | None = None):
@@ -115,6 +119,8 @@ def measure(b: Bench, quantized) -> dict:
     return {
         "int8_acc": accuracy(torch.nn.Identity(), [(q, b.labels)]),
         "logits_sqnr_db": sqnr_db(b.float_logits, q),
+        # On the images the per-layer report reads: where its predicted skip gains are checked like for like.
+        "report_logits_sqnr_db": sqnr_db(b.report_float_logits, logits(quantized, b.report_batch)),
         "top1_agreement": 100.0 * (q.argmax(1) == b.float_logits.argmax(1)).float().mean().item(),
     }
 
@@ -140,7 +146,8 @@ def run_one(b: Bench, backend: str, method: Method, skip: list[str] | None = Non
             layers = compare_layers(b.float_network(), callback.quantized_model, b.report_batch)
             row["report_s"] = time.perf_counter() - started
             worst, last = layers.worst(1)[0], layers[-1]
-            row["worst_layer"] = {"name": worst.name, "own_sqnr_db": worst.own_sqnr_db}
+            row["worst_layer"] = {"name": worst.name, "own_sqnr_db": worst.own_sqnr_db,
+                                  "skip_gain_db": worst.skip_gain_db}
             row["last_layer"] = {"name": last.name, "own_sqnr_db": last.own_sqnr_db, "sqnr_db": last.sqnr_db,
                                  "output_scale": last.output_scale}
             row["_report"] = layers
@@ -177,10 +184,15 @@ def spearman(xs, ys) -> float:
 
 
 def layers_to_skip(report, n: int) -> list:
-    """The ``n`` layers with the lowest own SQNR and the ``n`` with the highest (every measured layer when
-    there are at most ``2 n``), worst first."""
-    ranked = [layer for layer in report.worst(len(report)) if not math.isnan(layer.own_sqnr_db)]
-    return ranked if len(ranked) <= 2 * n else ranked[:n] + ranked[-n:]
+    """The layers to quantize again with ``skip=[layer]``: the report's ``n`` worst (highest predicted skip
+    gain, ``report.worst``) and ``n`` best, and the ``n`` with the lowest own SQNR (the ranking the report
+    used before, kept as the contrast); every layer when there are at most ``2 n``. Worst first."""
+    ranked = [layer for layer in report.worst(len(report)) if not math.isnan(layer.skip_gain_db)]
+    if len(ranked) <= 2 * n:
+        return ranked
+    by_own = sorted((layer for layer in report if not math.isnan(layer.own_sqnr_db)), key=lambda l: l.own_sqnr_db)
+    chosen = ranked[:n] + ranked[-n:] + by_own[:n]
+    return list({layer.name: layer for layer in chosen}.values())
 
 
 def skip_experiment(b: Bench, backend: str, method: Method, baseline: dict, n: int = 3) -> dict:
@@ -194,27 +206,33 @@ def skip_experiment(b: Bench, backend: str, method: Method, baseline: dict, n: i
         baseline["report_s"] = time.perf_counter() - start
     report_s = baseline["report_s"]
     order = [layer.name for layer in report.worst(len(report))]
-    end_to_end = [layer.name for layer in sorted(report, key=lambda layer: (math.isnan(layer.sqnr_db), layer.sqnr_db))]
+    by_own = [layer.name for layer in sorted(report, key=lambda layer: (math.isnan(layer.own_sqnr_db),
+                                                                         layer.own_sqnr_db))]
     rows = []
     for layer in layers_to_skip(report, n):
         row = run_one(b, backend, method, skip=[layer.name])
         row.update(layer=layer.name, kind=layer.kind, own_sqnr_db=layer.own_sqnr_db, sqnr_db=layer.sqnr_db,
-                   input_sqnr_db=layer.input_sqnr_db, own_rank=order.index(layer.name) + 1,
-                   end_to_end_rank=end_to_end.index(layer.name) + 1)
+                   input_sqnr_db=layer.input_sqnr_db, predicted_gain_db=layer.skip_gain_db,
+                   rank=order.index(layer.name) + 1, own_rank=by_own.index(layer.name) + 1)
         if row["status"] == "ok":
             row["acc_gain"] = row["int8_acc"] - baseline["int8_acc"]
             row["logits_sqnr_gain_db"] = row["logits_sqnr_db"] - baseline["logits_sqnr_db"]
+            row["report_gain_db"] = row["report_logits_sqnr_db"] - baseline["report_logits_sqnr_db"]
         rows.append(row)
     ok = [r for r in rows if r["status"] == "ok"]
+    gains = [r["logits_sqnr_gain_db"] for r in ok]
     by_gain = sorted(ok, key=lambda r: -r["logits_sqnr_gain_db"])
-    worst_named = set(order[:n])
     correlation = {
         "pairs": len(ok),
-        "own_sqnr_vs_logits_gain": spearman([r["own_sqnr_db"] for r in ok], [r["logits_sqnr_gain_db"] for r in ok]),
-        "end_to_end_sqnr_vs_logits_gain": spearman([r["sqnr_db"] for r in ok], [r["logits_sqnr_gain_db"] for r in ok]),
-        "own_sqnr_vs_acc_gain": spearman([r["own_sqnr_db"] for r in ok], [r["acc_gain"] for r in ok]),
+        "predicted_vs_logits_gain": spearman([r["predicted_gain_db"] for r in ok], gains),
+        "predicted_vs_report_gain": spearman([r["predicted_gain_db"] for r in ok], [r["report_gain_db"] for r in ok]),
+        "predicted_max_abs_error_db": max((abs(r["predicted_gain_db"] - r["report_gain_db"]) for r in ok),
+                                          default=math.nan),
+        "own_sqnr_vs_logits_gain": spearman([r["own_sqnr_db"] for r in ok], gains),
+        "predicted_vs_acc_gain": spearman([r["predicted_gain_db"] for r in ok], [r["acc_gain"] for r in ok]),
         "largest_gain_layers": [r["layer"] for r in by_gain[:n]],
-        "largest_gains_among_report_worst": sum(r["layer"] in worst_named for r in by_gain[:n]),
+        "largest_gains_among_report_worst": sum(r["layer"] in set(order[:n]) for r in by_gain[:n]),
+        "largest_gains_among_own_worst": sum(r["layer"] in set(by_own[:n]) for r in by_gain[:n]),
     }
     return {"model": b.zoo_model.name, "backend": backend, "method": method.label, "report_s": report_s,
             "report": report.to_dict(), "layers": len(report), "baseline": _public(baseline), "skips": rows,
@@ -253,7 +271,7 @@ def run_network(name: str, config: ZooConfig, workdir: Path, cache: Path, method
     if baseline["status"] == "ok" and n_skip > 0:
         skips = skip_experiment(b, skip_backend, skip_method, baseline, n_skip)
         for r in skips["skips"]:
-            log(f"{name} skip {r['layer']} (own {r['own_sqnr_db']:.1f} dB, rank {r['own_rank']}): {r['status']} "
+            log(f"{name} skip {r['layer']} (predicted {r['predicted_gain_db']:+.2f} dB, rank {r['rank']}): {r['status']} "
                 f"{r.get('int8_acc', r.get('reason'))} {r.get('logits_sqnr_gain_db', '')} ({r['seconds']:.0f} s)")
     return {"model": name, "float_acc": b.float_acc, "float_acc_measured": float_measured,
             "image_size": b.zoo_model.image_size, "test_images": len(b.labels),
@@ -319,8 +337,8 @@ def markdown(networks: list[dict], meta: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"The per-layer report of each row (`compare_layers` on {networks[0]['report_batch']} validation "
-              "images): the layer with the most error of its own (`report.worst(1)`, its own SQNR in dB), and the "
-              "last layer's own SQNR (the logits) and output scale:", "",
+              "images): the layer whose float fallback gains the logits most (`report.worst(1)`, its predicted gain in "
+              "dB), and the last layer's own SQNR (the logits) and output scale:", "",
               "| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for m in methods:
         cells = []
@@ -332,7 +350,7 @@ def markdown(networks: list[dict], meta: dict) -> str:
                     continue
                 w, last = row["worst_layer"], row["last_layer"]
                 scale = "float" if last["output_scale"] is None else f"{last['output_scale']:.3g}"
-                cells.append(f"{w['name']} {_f(w['own_sqnr_db'])}; last {_f(last['own_sqnr_db'])} @ {scale}")
+                cells.append(f"{w['name']} {_f(w.get('skip_gain_db'), 2, True)}; last {_f(last['own_sqnr_db'])} @ {scale}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += ["Seconds per row (prepare, calibrate, convert, 1000 test images, report): "
@@ -352,29 +370,31 @@ def markdown(networks: list[dict], meta: dict) -> str:
             f"`compare_layers` on {n['report_batch']} validation images took {s['report_s']:.1f} s. No skip: "
             f"{base['int8_acc']:.1f} % (float {base['float_acc']:.1f} %), logits SQNR {base['logits_sqnr_db']:.1f} dB.",
             "",
-            "| layer | kind | own SQNR dB | own rank | end-to-end SQNR dB | e2e rank | kept float | accuracy % | "
-            "Δ accuracy | logits SQNR dB | Δ logits SQNR dB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| layer | kind | predicted gain dB | measured gain on those images dB | rank | own SQNR dB | own rank | "
+            "kept float | accuracy % | Δ accuracy | logits SQNR dB | Δ logits SQNR dB (test images) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in s["skips"]:
             kept = ", ".join(r.get("skipped_layers", []))
+            head = (f"| {r['layer']} | {r['kind']} | {_f(r['predicted_gain_db'], 2, True)} | "
+                    f"{_f(r.get('report_gain_db'), 2, True)} | {r['rank']} / {s['layers']} | "
+                    f"{_f(r['own_sqnr_db'])} | {r['own_rank']} | {kept} | ")
             if r["status"] != "ok":
-                lines.append(f"| {r['layer']} | {r['kind']} | {_f(r['own_sqnr_db'])} | {r['own_rank']} | "
-                             f"{_f(r['sqnr_db'])} | {r['end_to_end_rank']} | {kept} | failed: "
-                             f"{r.get('reason', '')[:100]} | | | |")
+                lines.append(head + f"failed: {r.get('reason', '')[:100]} | | | |")
                 continue
-            lines.append(
-                f"| {r['layer']} | {r['kind']} | {_f(r['own_sqnr_db'])} | {r['own_rank']} / {s['layers']} | "
-                f"{_f(r['sqnr_db'])} | {r['end_to_end_rank']} | {kept} | {r['int8_acc']:.1f} | "
-                f"{_f(r['acc_gain'], sign=True)} | {r['logits_sqnr_db']:.1f} | "
-                f"{_f(r['logits_sqnr_gain_db'], 2, True)} |")
+            lines.append(head + f"{r['int8_acc']:.1f} | {_f(r['acc_gain'], sign=True)} | {r['logits_sqnr_db']:.1f} | "
+                         f"{_f(r['logits_sqnr_gain_db'], 2, True)} |")
         lines += [
             "",
-            f"Spearman over the {cor['pairs']} skipped layers (negative: the lower a layer's SQNR, the more its "
-            f"skip gains): own SQNR vs logits-SQNR gain {_f(cor['own_sqnr_vs_logits_gain'], 2)}; end-to-end SQNR "
-            f"vs logits-SQNR gain {_f(cor['end_to_end_sqnr_vs_logits_gain'], 2)}; own SQNR vs accuracy gain "
-            f"{_f(cor['own_sqnr_vs_acc_gain'], 2)}. Largest logits gains: {', '.join(cor['largest_gain_layers'])} "
-            f"({cor['largest_gains_among_report_worst']} of them among the report's worst 3).",
+            f"Over the {cor['pairs']} skipped layers, on the report's {n['report_batch']} images: Spearman(predicted "
+            f"gain, measured gain) {_f(cor.get('predicted_vs_report_gain'), 2)}, largest |predicted - measured| "
+            f"{_f(cor['predicted_max_abs_error_db'], 2)} dB. On the {n['test_images']} test images: Spearman(predicted "
+            f"gain, measured gain) {_f(cor['predicted_vs_logits_gain'], 2)}; Spearman(own SQNR, measured gain) "
+            f"{_f(cor['own_sqnr_vs_logits_gain'], 2)} (negative would mean the own-SQNR ranking is right); "
+            f"Spearman(predicted gain, accuracy gain) {_f(cor['predicted_vs_acc_gain'], 2)}. Largest measured gains: "
+            f"{', '.join(cor['largest_gain_layers'])}: {cor['largest_gains_among_report_worst']} of them among the "
+            f"report's worst 3 (`report.worst(3)`), {cor['largest_gains_among_own_worst']} among the 3 lowest own "
+            "SQNRs.",
             "",
         ]
     lines += ["## Summary of this run", ""] + [f"- {line}" for line in summary(networks)]
@@ -410,11 +430,14 @@ def summary(networks: list[dict]) -> list[str]:
                 top = max(ok_skips, key=lambda r: r["logits_sqnr_gain_db"])
                 out.append(
                     f"{n['model']} skip: the largest logits gain, {top['logits_sqnr_gain_db']:+.2f} dB, from keeping "
-                    f"{top['layer']} float (own-SQNR rank {top['own_rank']} of {s['layers']}); accuracy changes "
+                    f"{top['layer']} float (report rank {top['rank']} of {s['layers']}, predicted "
+                    f"{top['predicted_gain_db']:+.2f} dB; own-SQNR rank {top['own_rank']}); accuracy changes "
                     f"{min(r['acc_gain'] for r in ok_skips):+.1f} to "
-                    f"{max(r['acc_gain'] for r in ok_skips):+.1f} points; "
-                    f"Spearman(own SQNR, logits gain) = {_f(cor['own_sqnr_vs_logits_gain'], 2)} over {cor['pairs']} "
-                    f"layers.")
+                    f"{max(r['acc_gain'] for r in ok_skips):+.1f} points. Over {cor['pairs']} skipped layers: on the report's "
+                    f"images, Spearman(predicted, measured gain) = {_f(cor.get('predicted_vs_report_gain'), 2)} with a "
+                    f"largest error of {_f(cor['predicted_max_abs_error_db'], 2)} dB; on the test images "
+                    f"Spearman(predicted, measured gain) = {_f(cor['predicted_vs_logits_gain'], 2)} and Spearman(own "
+                    f"SQNR, measured gain) = {_f(cor['own_sqnr_vs_logits_gain'], 2)}.")
     return out
 
 
@@ -425,8 +448,9 @@ READING_NOTES = (
     "stays to float, and the one the skip experiment is judged on.",
     "The logits SQNR counts every error the same, including a clipped range that changes few top-1 answers: "
     "compare it with the top-1 agreement, and with the per-layer report's worst layer, which says where it comes from.",
-    "own SQNR: `compare_layers`' error of the int8 layer alone, fed the float input; rank 1 is the layer the "
-    "report names worst (`report.worst(1)`). Kept float: the modules `skip=[layer]` resolved to (the fusion group).",
+    "predicted gain: `compare_layers`' `skip_gain_db`, the logits SQNR gain of the int8 network run once more "
+    "with only that layer computing in float; rank 1 is the layer the report names worst (`report.worst(1)`). "
+    "own SQNR: the error of the int8 layer alone, fed the float input (own rank 1: the lowest). Kept float: the modules `skip=[layer]` resolved to (the fusion group).",
     "What a skip removes: in PT2E a layer kept float still reads a quantized input and its output is still "
     "quantized for the layer that reads it; only the last layer's output (the logits) becomes float. The own SQNR "
     "counts the output rounding too, so it ranks layers partly by an error their skip cannot remove: guide_net's "

@@ -1,6 +1,7 @@
 """The per-layer error report of a converted model (:func:`qlightning.compare_layers`), written where
-users look: ``<export_dir>/layers.json`` and every logger (scalars ``quant/layer_sqnr/<layer>`` and
-``quant/layer_own_sqnr/<layer>``; in TensorBoard also a bar chart image, ``quant/layer_sqnr``)."""
+users look: ``<export_dir>/layers.json`` and every logger (scalars ``quant/layer_sqnr/<layer>``,
+``quant/layer_own_sqnr/<layer>`` and ``quant/layer_skip_gain/<layer>``; in TensorBoard also a bar chart
+image, ``quant/layer_sqnr``)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,18 @@ def layer_metrics(report) -> dict[str, float]:
     metrics = {}
     for layer in report:
         for tag, value in ((f"quant/layer_sqnr/{layer.name}", layer.sqnr_db),
-                           (f"quant/layer_own_sqnr/{layer.name}", layer.own_sqnr_db)):
+                           (f"quant/layer_own_sqnr/{layer.name}", layer.own_sqnr_db),
+                           (f"quant/layer_skip_gain/{layer.name}", layer.skip_gain_db)):
             if math.isfinite(value):
                 metrics[tag] = float(value)
     return metrics
 
 
 def layer_chart(report) -> np.ndarray:
-    """Horizontal bars, one pair per layer in execution order: SQNR end to end (what the layer's output
-    carries) and of the layer alone (the error it adds itself); the lowest "alone" bar is the layer
-    whose float fallback helps most."""
+    """One row per layer in execution order, two panels: on the left the SQNR end to end (what the
+    layer's output carries) and of the layer alone (the error it adds itself); on the right how many dB
+    the network's output gains when only that layer is kept float (``skip``): the longest bar there is
+    the layer to skip first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,19 +48,26 @@ def layer_chart(report) -> np.ndarray:
         return [v if math.isfinite(v) else np.nan for v in values]
     end_to_end = finite([layer.sqnr_db for layer in report])
     alone = finite([layer.own_sqnr_db for layer in report])
-    figure = Figure(figsize=(6.5, 1.6 + 0.32 * max(len(names), 1)), dpi=120)
+    gain = finite([layer.skip_gain_db for layer in report])
+    figure = Figure(figsize=(9, 1.5 + 0.32 * max(len(names), 1)), dpi=120)
     FigureCanvasAgg(figure)
-    axis = figure.add_subplot()
+    sqnr_axis, gain_axis = figure.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     rows = np.arange(len(names))
-    axis.barh(rows - 0.2, end_to_end, height=0.4, label="end to end", color="#4c72b0")
-    axis.barh(rows + 0.2, alone, height=0.4, label="layer alone (float input)", color="#dd8452")
-    axis.set_yticks(rows, names, fontsize=7)
-    axis.invert_yaxis()  # execution order, top to bottom
-    axis.set_xlabel("SQNR against the float network (dB, higher is better)", fontsize=8)
-    axis.set_title("quantization error per layer", fontsize=9)
+    sqnr_axis.barh(rows - 0.2, end_to_end, height=0.4, label="end to end", color="#4c72b0")
+    sqnr_axis.barh(rows + 0.2, alone, height=0.4, label="layer alone (float input)", color="#dd8452")
+    sqnr_axis.set_yticks(rows, names, fontsize=7)
+    sqnr_axis.invert_yaxis()  # execution order, top to bottom (shared with the gain panel)
+    sqnr_axis.set_xlabel("SQNR against the float network (dB, higher is better)", fontsize=8)
+    sqnr_axis.set_title("quantization error per layer", fontsize=9)
     # Below the axis: inside, it covered the last layers' bars.
-    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
-    axis.tick_params(axis="x", labelsize=7)
+    sqnr_axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
+    colors = ["#55a868" if g >= 0 else "#c44e52" for g in np.nan_to_num(gain)]
+    gain_axis.barh(rows, gain, height=0.6, color=colors)
+    gain_axis.axvline(0, color="black", linewidth=0.6)
+    gain_axis.set_xlabel("output SQNR gain if kept float (dB)", fontsize=8)
+    gain_axis.set_title("skip=[layer] buys", fontsize=9)
+    for axis in (sqnr_axis, gain_axis):
+        axis.tick_params(axis="x", labelsize=7)
     figure.tight_layout()
     figure.canvas.draw()
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
@@ -83,7 +93,8 @@ def publish_layer_report(trainer: Trainer, report, directory: Path | None) -> Pa
             logger.experiment.add_image(CHART_TAG, layer_chart(report), trainer.global_step, dataformats="HWC")
     worst = report.worst(1)
     rank_zero_info(f"qlightning: per-layer error{f' in {path}' if path else ' logged'}" + (
-        f"; most error of its own: {worst[0].name} ({worst[0].own_sqnr_db:.1f} dB alone)" if worst else ""))
+        f"; keeping {worst[0].name} float would gain the output {worst[0].skip_gain_db:+.1f} dB SQNR"
+        if worst and math.isfinite(worst[0].skip_gain_db) else ""))
     return path
 
 
