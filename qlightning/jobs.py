@@ -310,7 +310,7 @@ def _summarize(float_model, callback, datamodule, output_dir: Path, fake_quant_m
         "observer": callback.observer,
         "activation_dtype": callback.activation_dtype,
         "skipped_layers": list(callback.skipped_layers),
-        # PTQ: the layers adding the most error of their own (qlightning.compare_layers), worst first.
+        # PTQ: the layers whose float fallback would gain the output most (qlightning.compare_layers), worst first.
         "worst_layers": [layer.name for layer in callback.layers.worst(3)] if getattr(callback, "layers", None) else None,
         # PTQ with max_accuracy_drop: the float metric, each conversion's float layers and metric.
         "fallback": callback.fallback.to_dict() if getattr(callback, "fallback", None) else None,

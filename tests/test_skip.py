@@ -259,6 +259,9 @@ def test_ptq_writes_and_logs_the_per_layer_report_and_skipping_the_worst_layer_h
     events = EventAccumulator(str(tmp_path / "all" / "tb" / "version_0"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     assert {f"quant/layer_sqnr/{n}" for n in names} <= set(events.Tags()["scalars"])
+    assert {f"quant/layer_skip_gain/{n}" for n in names} <= set(events.Tags()["scalars"])
+    logged = {n: events.Scalars(f"quant/layer_skip_gain/{n}")[-1].value for n in names}
+    assert logged == pytest.approx({layer.name: layer.skip_gain_db for layer in callback.layers}, abs=1e-4)
     assert "quant/layer_sqnr" in events.Tags()["images"]
 
     def logits_sqnr(quantized):
@@ -269,8 +272,8 @@ def test_ptq_writes_and_logs_the_per_layer_report_and_skipping_the_worst_layer_h
     worst = callback.layers.worst(1)[0].name
     baseline = logits_sqnr(callback.quantized_model)
     fallback = logits_sqnr(quantize([worst], tmp_path / "worst").quantized_model)
-    # The float fallback of the layer with most error of its own must cut the logits' error measurably:
-    # at least 0.5 dB (12 % less noise power), well beyond run-to-run noise, which is 0 here (deterministic).
+    # The float fallback of the layer the report names worst must cut the logits' error measurably: at
+    # least 0.5 dB (12 % less noise power), well beyond run-to-run noise, which is 0 here (deterministic).
     assert fallback >= baseline + 0.5, (worst, baseline, fallback)
     # And the report of the fallback model no longer lists it.
     assert worst not in compare_layers(model.net, quantize([worst], tmp_path / "again").quantized_model, x).names

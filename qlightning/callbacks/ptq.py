@@ -82,7 +82,7 @@ class PostTrainingQuantization(Callback):
             model is validated with the LightningModule's own ``validation_step`` on the validation loader;
             while ``monitor`` (a metric it logs, higher is better) is more than ``max_accuracy_drop`` (in the
             metric's units: 0.003 is 0.3 points of an accuracy logged as a fraction) below the float
-            network's, the layer adding the most error of its own (:attr:`layers`) moves to float and the
+            network's, the layer whose float fallback gains the output most (``report.worst``) moves to float and the
             network is calibrated (on the same batches) and converted again, up to ``max_float_layers``
             layers. The search is in :attr:`fallback`, logged, and in ``summary.json``.
     """
