@@ -55,6 +55,8 @@ def main(argv=None) -> int:
                         help="calibration methods in x86 ('' for none)")
     parser.add_argument("--skip-method", default="minmax", help="the onnxruntime method whose layers are skipped")
     parser.add_argument("--skip-layers", type=int, default=3, help="worst and best layers to skip, each (0: none)")
+    parser.add_argument("--fallback-budget", type=float, default=0.003,
+                        help="max_accuracy_drop of the fallback run on the skip method (val/acc fraction; -1: none)")
     parser.add_argument("--workdir", default=".cache/qlightning/calibration")
     parser.add_argument("--float-cache", default=".cache/qlightning/activation_dtypes/float")
     parser.add_argument("--out", default="docs/calibration.md")
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
     methods = [parse_method(m) for m in args.methods.split(",") if m]
     x86_methods = [parse_method(m) for m in args.x86_methods.split(",") if m]
     networks = [run_network(name, config, Path(args.workdir), Path(args.float_cache), methods, x86_methods,
-                            parse_method(args.skip_method), n_skip=args.skip_layers)
+                            parse_method(args.skip_method), n_skip=args.skip_layers,
+                            fallback_budget=None if args.fallback_budget < 0 else args.fallback_budget)
                 for name in args.models.split(",")]
     import torchao
 
@@ -93,7 +96,8 @@ def main(argv=None) -> int:
     write_text_atomic(out, markdown(networks, meta))
     write_json(out.with_suffix(".json"), jsonable({"meta": meta, "networks": networks}))
     print(out.read_text())
-    failed = [r for n in networks for r in n["methods"] + ((n["skip"] or {}).get("skips") or []) if r["status"] != "ok"]
+    failed = [r for n in networks for r in n["methods"] + ((n["skip"] or {}).get("skips") or []) + [n["fallback"] or {}]
+              if r.get("status", "ok") != "ok"]
     return 1 if failed else 0
 
 
