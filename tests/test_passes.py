@@ -156,8 +156,12 @@ def _conv_output_divisions(gm) -> int:
 
 
 def test_unscale_by_reciprocal_keeps_values_and_gradients():
-    """The QAT-step speed-up rewrites torchao's ``conv / s`` as ``conv * reciprocal(s)``: the forward
-    and every gradient (weights, BN gamma/beta) stay those of torchao's graph."""
+    """The QAT-step speed-up rewrites torchao's ``conv / s`` as ``conv * detach(reciprocal(s))``: the
+    forward and the gradients of weights and BN betas stay those of torchao's graph. The BN gammas lose
+    the gradient through ``1 / s``: a training-mode batch norm is invariant to scaling its input per
+    channel, so that term is zero up to ``eps / (batch_var + eps)``, and what torchao's graph computes
+    for it is float32 rounding of a sum that cancels (measured: 2.3e-4 and 1.0e-4 of the largest gamma
+    gradient, the same with eps = 1e-10 as with 1e-5). Bound: 1e-3 of the largest gamma gradient."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     from qlightning.modes.pt2e import export_network, quantization_config
@@ -167,6 +171,7 @@ def test_unscale_by_reciprocal_keeps_values_and_gradients():
                                    "per_tensor_affine")
     torch.manual_seed(0)
     network, x = SmallCNN(), torch.rand(8, 1, 8, 8)
+    gammas = {f"{name}.weight" for name, module in network.named_modules() if isinstance(module, nn.BatchNorm2d)}
     graphs = []
     for _ in range(2):
         quantizer = backend.pt2e_quantizer(quantization_config(recipe, qat=True))
@@ -184,9 +189,12 @@ def test_unscale_by_reciprocal_keeps_values_and_gradients():
         outputs.append(out)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
     grads = [{n: p.grad for n, p in gm.named_parameters()} for gm in graphs]
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= 8
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) >= 8 and gammas <= grads[0].keys()
     for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        if name in gammas:
+            assert (grads[1][name] - grad).abs().max() <= 1e-3 * grad.abs().max(), name
+        else:
+            torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_pt2e_conversion_leaves_no_batchnorm():
