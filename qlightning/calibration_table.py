@@ -271,6 +271,25 @@ def fallback_experiment(b: Bench, backend: str, method: Method, baseline: dict, 
     return row
 
 
+# minmax: the library default; entropy: the method that moves the logits furthest from float (see the table).
+FALLBACK_METHODS = (Method("minmax"), Method("entropy"))
+
+
+def run_fallbacks(b: Bench, rows: list[dict], backend: str, methods, budget: float | None, log=print) -> list[dict]:
+    """:func:`fallback_experiment` for each method whose row (``backend``) quantized."""
+    out = []
+    for method in methods if budget is not None else ():
+        baseline = next((r for r in rows if r["backend"] == backend and r["method"] == method.label
+                         and r["status"] == "ok"), None)
+        if baseline is None:
+            continue
+        row = fallback_experiment(b, backend, method, baseline, budget)
+        log(f"{b.zoo_model.name} fallback {method.label}: {row['status']} {row.get('fallback', row.get('reason'))} "
+            f"({row['seconds']:.0f} s)")
+        out.append(row)
+    return out
+
+
 def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
@@ -281,7 +300,8 @@ X86_METHODS = (Method("minmax"), Method("histogram"))
 
 def run_network(name: str, config: ZooConfig, workdir: Path, cache: Path, methods=METHODS,
                 x86_methods=X86_METHODS, skip_method: Method = Method("minmax"), skip_backend: str = "onnxruntime",
-                n_skip: int = 3, fallback_budget: float | None = 0.003, log=print) -> dict:
+                n_skip: int = 3, fallback_budget: float | None = 0.003, fallback_methods=FALLBACK_METHODS,
+                log=print) -> dict:
     """Every calibration method in onnxruntime (and ``x86_methods`` in x86), then the skip experiment on
     ``skip_method``'s int8 network."""
     start = time.perf_counter()
@@ -305,15 +325,11 @@ def run_network(name: str, config: ZooConfig, workdir: Path, cache: Path, method
         for r in skips["skips"]:
             log(f"{name} skip {r['layer']} (predicted {r['predicted_gain_db']:+.2f} dB, rank {r['rank']}): {r['status']} "
                 f"{r.get('int8_acc', r.get('reason'))} {r.get('logits_sqnr_gain_db', '')} ({r['seconds']:.0f} s)")
-    fallback = None
-    if baseline["status"] == "ok" and fallback_budget is not None:
-        fallback = fallback_experiment(b, skip_backend, skip_method, baseline, fallback_budget)
-        log(f"{name} fallback: {fallback['status']} {fallback.get('fallback', fallback.get('reason'))} "
-            f"({fallback['seconds']:.0f} s)")
+    fallback = run_fallbacks(b, rows, skip_backend, fallback_methods, fallback_budget, log)
     return {"model": name, "float_acc": b.float_acc, "float_acc_measured": float_measured,
             "image_size": b.zoo_model.image_size, "test_images": len(b.labels),
             "report_batch": len(b.report_batch), "methods": [_public(r) for r in rows], "skip": skips,
-            "fallback": fallback,
+            "fallbacks": fallback,
             "seconds": time.perf_counter() - start}
 
 
@@ -337,7 +353,9 @@ def markdown(networks: list[dict], meta: dict) -> str:
         "",
         f"Command: `{meta['command']}`. Machine: {meta['machine']}. Date: {meta['date']}. "
         f"torch {meta['torch']}, torchao {meta['torchao']}, qlightning at commit {meta.get('commit', 'unknown')}. "
-        f"Took {meta['minutes']:.1f} min.",
+        f"Took {meta['minutes']:.1f} min."
+        + (f" The fallback runs again with `{meta['fallback_command']}` at commit {meta.get('fallback_commit')}, "
+           f"{meta['fallback_minutes']:.1f} min." if meta.get("fallback_command") else ""),
         "",
         f"Data: the real Fashion-MNIST (Debian's dataset-fashion-mnist) as the zoo loads it (3 identical channels; "
         f"guide_net at 28 x 28, resnet18 and mobilenet_v2 resized to 32 x 32). Float: the zoo's float training, "
@@ -442,28 +460,28 @@ def markdown(networks: list[dict], meta: dict) -> str:
 
 
 def fallback_markdown(networks: list[dict]) -> list[str]:
-    rows = [n for n in networks if n.get("fallback")]
+    rows = [(n, r) for n in networks for r in n.get("fallbacks") or []]
     if not rows:
         return []
-    first = rows[0]["fallback"]
+    first = rows[0][1]
     lines = [f"## Accuracy-aware fallback: max_accuracy_drop={first['budget']:g}", "",
-             f"`PostTrainingQuantization(mode=\"pt2e\", backend=\"{first['backend']}\", observer=\"{first['method']}\", "
+             f"`PostTrainingQuantization(mode=\"pt2e\", backend=\"{first['backend']}\", observer=..., "
              f"max_accuracy_drop={first['budget']:g}, monitor=\"val/acc\", max_float_layers={first['max_float_layers']})` "
              "through `trainer.validate(model, val_loader)`: calibrated on the validation images, and each int8 model "
              "validated on them with the LightningModule's own `validation_step` (`val/acc` is a fraction: the budget "
              f"is {100 * first['budget']:g} points). The kept model measured on the test images; Δ against the same "
              "method's row above (no budget, calibrated on training batches instead).", "",
-             "| network | val images | float val acc % | steps: layer moved to float -> int8 val acc % | within budget "
-             "| float layers | test acc % (Δ vs no budget) | logits SQNR dB (Δ) | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for n in rows:
-        r = n["fallback"]
+             "| network | method | val images | float val acc % | steps: layer moved to float -> int8 val acc % | "
+             "within budget | float layers | test acc % (Δ) | logits SQNR dB (Δ) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {n['model']} | | | failed: {r.get('reason', '')[:120]} | | | | | {r['seconds']:.0f} |")
+            lines.append(f"| {n['model']} | {r['method']} | | | failed: {r.get('reason', '')[:120]} | | | | | "
+                         f"{r['seconds']:.0f} |")
             continue
         f = r["fallback"]
         steps = "; ".join(f"{s['added'] or 'none'} -> {100 * s['metric']:.1f}" for s in f["steps"])
-        lines.append(f"| {n['model']} | {r['val_images']} | {100 * f['float_metric']:.1f} | {steps} | "
+        lines.append(f"| {n['model']} | {r['method']} | {r['val_images']} | {100 * f['float_metric']:.1f} | {steps} | "
                      f"{'yes' if f['within_budget'] else 'no'} | {len(f['float_layers'])} | {r['int8_acc']:.1f} "
                      f"({_f(r['test_acc_gain'], sign=True)}) | {r['logits_sqnr_db']:.1f} "
                      f"({_f(r['logits_sqnr_gain_db'], 2, True)}) | {r['seconds']:.0f} |")

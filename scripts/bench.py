@@ -23,6 +23,7 @@ import torch
 
 TARGETS = {
     "qat_step_over_float.mobilenet_v2": 1.3,
+    "qat_step_over_float.resnet18": 1.3,
     "qat_epoch_over_handwritten_torchao.ratio": 1.05,
     "size_ratio.resnet18": 0.27,
     "sqnr_db.default_job": 35.0,  # a lower bound
@@ -154,7 +155,8 @@ def qat_step_over_float(quick: bool) -> dict:
     from qlightning.modes.registry import get_mode
 
     results = {}
-    for name, make, shape in (("mobilenet_v2", lambda: torchvision.models.mobilenet_v2(num_classes=10), (16, 3, 64, 64)),):
+    for name, make, shape in (("mobilenet_v2", lambda: torchvision.models.mobilenet_v2(num_classes=10), (16, 3, 64, 64)),
+                              ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), (16, 3, 64, 64))):
         torch.manual_seed(0)
         x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
         float_net = make().train()
@@ -344,8 +346,10 @@ def markdown(results: dict) -> str:
               f"hand-written loop {epoch['epoch_ms']['handwritten']} ms: qlightning / plain Lightning = "
               f"{epoch['qlightning_over_plain_lightning']}, plain Lightning / hand-written = "
               f"{epoch['plain_lightning_over_handwritten']}."]
-    step = results["qat_step_over_float"]["mobilenet_v2_step_ms"]
-    lines += ["", f"QAT step (mobilenet_v2, batch 16, 64x64): float {step['float']} ms, PT2E QAT {step['qat']} ms (medians)."]
+    steps = results["qat_step_over_float"]
+    lines += ["", "QAT step (batch 16, 64x64, uncompiled; medians): " + "; ".join(
+        f"{name} float {steps[f'{name}_step_ms']['float']} ms, PT2E QAT {steps[f'{name}_step_ms']['qat']} ms"
+        for name in ("mobilenet_v2", "resnet18") if f"{name}_step_ms" in steps) + "."]
     overhead = results["monitor_overhead"]
     lines += ["", f"QParamMonitor(log_every_n_steps=50): QAT step {overhead['step_ms']['plain']} ms without, "
               f"{overhead['step_ms']['monitored']} ms with (median), mean-step ratio {overhead['ratio']} "
