@@ -472,7 +472,7 @@ def fallback_markdown(networks: list[dict]) -> list[str]:
              f"is {100 * first['budget']:g} points). The kept model measured on the test images; Δ against the same "
              "method's row above (no budget, calibrated on training batches instead).", "",
              "| network | method | val images | float val acc % | steps: layer moved to float -> int8 val acc % | "
-             "within budget | float layers | test acc % (Δ) | logits SQNR dB (Δ) | seconds |",
+             "within budget | layers moved (modules kept float) | test acc % (Δ) | logits SQNR dB (Δ) | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in rows:
         if r["status"] != "ok":
@@ -482,7 +482,8 @@ def fallback_markdown(networks: list[dict]) -> list[str]:
         f = r["fallback"]
         steps = "; ".join(f"{s['added'] or 'none'} -> {100 * s['metric']:.1f}" for s in f["steps"])
         lines.append(f"| {n['model']} | {r['method']} | {r['val_images']} | {100 * f['float_metric']:.1f} | {steps} | "
-                     f"{'yes' if f['within_budget'] else 'no'} | {len(f['float_layers'])} | {r['int8_acc']:.1f} "
+                     f"{'yes' if f['within_budget'] else 'no'} | {len(f['steps']) - 1}"
+                     f"{' (' + ', '.join(f['float_layers']) + ')' if f['float_layers'] else ''} | {r['int8_acc']:.1f} "
                      f"({_f(r['test_acc_gain'], sign=True)}) | {r['logits_sqnr_db']:.1f} "
                      f"({_f(r['logits_sqnr_gain_db'], 2, True)}) | {r['seconds']:.0f} |")
     return lines + [""]
@@ -524,6 +525,20 @@ def summary(networks: list[dict]) -> list[str]:
                     f"largest error of {_f(cor['predicted_max_abs_error_db'], 2)} dB; on the test images "
                     f"Spearman(predicted, measured gain) = {_f(cor['predicted_vs_logits_gain'], 2)} and Spearman(own "
                     f"SQNR, measured gain) = {_f(cor['own_sqnr_vs_logits_gain'], 2)}.")
+    for n in networks:
+        for r in n.get("fallbacks") or []:
+            if r["status"] != "ok":
+                continue
+            f = r["fallback"]
+            first, last = f["steps"][0]["metric"], f["steps"][-1]["metric"]
+            moved = [s["added"] for s in f["steps"][1:]]
+            out.append(
+                f"{n['model']} {r['method']} with max_accuracy_drop={r['budget']:g}: int8 {100 * first:.1f} % against "
+                f"float {100 * f['float_metric']:.1f} % on validation; "
+                + (f"within budget at once, no layer moved." if not moved else
+                   f"moved {len(moved)} layer(s) to float ({', '.join(moved)}), ending at {100 * last:.1f} % "
+                   f"({'within' if f['within_budget'] else 'outside'} budget); test images "
+                   f"{_f(r['test_acc_gain'], sign=True)} points, logits {_f(r['logits_sqnr_gain_db'], 2, True)} dB."))
     return out
 
 
