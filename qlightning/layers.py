@@ -1134,7 +1134,8 @@ def trained_float_network(float_template: nn.Module, prepared: nn.Module) -> nn.
             continue
         name = key[len(prefix):].replace(".module.", ".")
         owner, _, attr = name.rpartition(".")
-        name = f"{member.get(owner, owner)}.{attr}"
+        if owner:  # a top-level tensor (ViT's class_token) has no owner module to map
+            name = f"{member.get(owner, owner)}.{attr}"
         if name in wanted and wanted[name].shape == value.shape:
             found[name] = value.detach().cpu().clone()
     missing = [k for k in wanted if k not in found]

@@ -278,3 +278,32 @@ def test_refuses_networks_it_cannot_read(trained, batch, quantized):
     renamed = nn.Sequential(*net.children())  # the same computation, modules named 0, 1, ...
     with pytest.raises(ValueError, match="matches a module of Sequential"):
         compare_layers(renamed, quantized("fx", "x86"), batch)
+
+
+def test_trained_float_network_maps_top_level_tensors():
+    """A tensor owned by the network itself (ViT's ``class_token``) is mapped back too; it was missed
+    ("no trained tensor for ['class_token']") and the zoo's ViT cells lost their QAT layer report."""
+    from qlightning.callbacks.config import build_recipe
+    from qlightning.layers import trained_float_network
+    from qlightning.modes.registry import get_mode
+
+    class WithToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.class_token = nn.Parameter(torch.zeros(1, 1, 8))
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)[:, 0])
+
+    torch.manual_seed(0)
+    template, x = WithToken(), torch.randn(2, 3, 8)
+    backend, recipe = build_recipe("pt2e", "x86", "moving_average_minmax", "per_channel_symmetric", "per_tensor_affine")
+    prepared = get_mode("pt2e").prepare_qat(copy.deepcopy(template), (x,), recipe, backend)
+    with torch.no_grad():  # "training": the prepared network's tensors move away from the template's
+        prepared.graph_module.class_token.add_(1.0)
+        prepared.graph_module.fc.weight.mul_(2.0)
+    twin = trained_float_network(template, prepared)
+    assert torch.equal(twin.class_token, prepared.graph_module.class_token)
+    assert torch.equal(twin.fc.weight, prepared.graph_module.fc.weight)
+    assert not torch.equal(twin.class_token, template.class_token)
