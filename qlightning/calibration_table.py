@@ -70,7 +70,7 @@ class Bench:
     float_logits: torch.Tensor
     report_batch: torch.Tensor
     workdir: Path
-    report_float_logits: torch.Tensor | None = None
+    report_float_logits: torch.Tensor
 
     def float_network(self) -> torch.nn.Module:
         return _network(self.zoo_model, "pt2e", self.weights).eval()
@@ -96,8 +96,10 @@ def bench(name: str, config: ZooConfig, workdir: Path, cache: Path) -> Bench:
                  report_batch, workdir / name, logits(net, report_batch))
 
 
-def quantize(b: Bench, backend: str, method: Method, skip: list[str] | None = None):
-    """The callback after PTQ of a fresh copy of the float weights (``callback.quantized_model``)."""
+def quantize(b: Bench, backend: str, method: Method, skip: list[str] | None = None, loader=None, **options):
+    """The callback after PTQ of a fresh copy of the float weights (``callback.quantized_model``), through
+    ``trainer.validate`` on ``loader`` (default: the first ``calibration_batches`` training batches);
+    ``options``: further ``PostTrainingQuantization`` arguments."""
     from qlightning.callbacks import PostTrainingQuantization
 
     import lightning as L
@@ -105,11 +107,12 @@ def quantize(b: Bench, backend: str, method: Method, skip: list[str] | None = No
     L.seed_everything(b.config.seed, verbose=False)
     callback = PostTrainingQuantization("pt2e", backend, observer=method.observer, percentile=method.percentile,
                                         calibration_batches=b.config.calibration_batches, skip=skip,
-                                        layer_report=False)  # run_one reports on validation images itself
+                                        layer_report=False,  # run_one reports on validation images itself
+                                        **options)
     module = _classifier(b.zoo_model, _network(b.zoo_model, "pt2e", b.weights), b.config.qat_lr)
-    trainer = _trainer(b.workdir, [callback], limit_val_batches=b.config.calibration_batches,
-                       enable_model_summary=False)
-    trainer.validate(module, dataloaders=b.data.train_dataloader(), verbose=False)
+    limit = {} if loader is not None else {"limit_val_batches": b.config.calibration_batches}
+    trainer = _trainer(b.workdir, [callback], enable_model_summary=False, **limit)
+    trainer.validate(module, dataloaders=loader if loader is not None else b.data.train_dataloader(), verbose=False)
     return callback
 
 
@@ -244,22 +247,12 @@ def fallback_experiment(b: Bench, backend: str, method: Method, baseline: dict, 
     """PTQ with ``max_accuracy_drop=budget`` (``val/acc`` is a fraction: 0.003 is 0.3 points): calibrated on,
     and validated with the LightningModule's ``validation_step`` on, the validation images (one loader for
     both, as ``trainer.validate(model, val_loader)`` gives it); the kept model measured on the test images."""
-    from qlightning.callbacks import PostTrainingQuantization
-
-    import lightning as L
-
     row = {"model": b.zoo_model.name, "backend": backend, "method": method.label, "budget": budget,
            "max_float_layers": max_float_layers, "status": "failed"}
     start = time.perf_counter()
     try:
-        L.seed_everything(b.config.seed, verbose=False)
-        callback = PostTrainingQuantization("pt2e", backend, observer=method.observer, percentile=method.percentile,
-                                            calibration_batches=b.config.calibration_batches, layer_report=False,
-                                            max_accuracy_drop=budget, monitor="val/acc",
-                                            max_float_layers=max_float_layers)
-        module = _classifier(b.zoo_model, _network(b.zoo_model, "pt2e", b.weights), b.config.qat_lr)
-        trainer = _trainer(b.workdir, [callback], enable_model_summary=False)
-        trainer.validate(module, dataloaders=b.data.val_dataloader(), verbose=False)
+        callback = quantize(b, backend, method, loader=b.data.val_dataloader(), max_accuracy_drop=budget,
+                            monitor="val/acc", max_float_layers=max_float_layers)
         row.update(fallback=callback.fallback.to_dict(), skipped_layers=list(callback.skipped_layers),
                    val_images=sum(len(y) for _, y in b.data.val_dataloader()), status="ok")
         row.update(measure(b, callback.quantized_model))
@@ -551,7 +544,8 @@ READING_NOTES = (
     "compare it with the top-1 agreement, and with the per-layer report's worst layer, which says where it comes from.",
     "predicted gain: `compare_layers`' `skip_gain_db`, the logits SQNR gain of the int8 network run once more "
     "with only that layer computing in float; rank 1 is the layer the report names worst (`report.worst(1)`). "
-    "own SQNR: the error of the int8 layer alone, fed the float input (own rank 1: the lowest). Kept float: the modules `skip=[layer]` resolved to (the fusion group).",
+    "own SQNR: the error of the int8 layer alone, fed the float input (own rank 1: the lowest). Kept float: the "
+    "modules `skip=[layer]` resolved to (the fusion group).",
     "What a skip removes: in PT2E a layer kept float still reads a quantized input and its output is still "
     "quantized for the layer that reads it; only the last layer's output (the logits) becomes float, and a first "
     "layer's input. The own SQNR counts the input and output rounding too, so it ranks layers partly by error their "

@@ -81,18 +81,19 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     methods = [parse_method(m) for m in args.methods.split(",") if m]
     fallback_methods = [parse_method(m) for m in args.fallback_methods.split(",") if m]
+    fallback_budget = None if args.fallback_budget < 0 else args.fallback_budget
+    command = "python scripts/calibration_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.fallback_only:
-        return _fallback_only(args, config, fallback_methods, start)
+        return _fallback_only(args, config, fallback_methods, fallback_budget, command, commit, start)
     x86_methods = [parse_method(m) for m in args.x86_methods.split(",") if m]
     networks = [run_network(name, config, Path(args.workdir), Path(args.float_cache), methods, x86_methods,
                             parse_method(args.skip_method), n_skip=args.skip_layers,
-                            fallback_budget=None if args.fallback_budget < 0 else args.fallback_budget,
-                            fallback_methods=fallback_methods)
+                            fallback_budget=fallback_budget, fallback_methods=fallback_methods)
                 for name in args.models.split(",")]
     import torchao
 
     meta = {
-        "command": "python scripts/calibration_table.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "machine": machine_description(torch.get_num_threads()),
         "date": datetime.date.today().isoformat(),
         "minutes": (time.perf_counter() - start) / 60,
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def _fallback_only(args, config: ZooConfig, fallback_methods, start: float) -> int:
+def _fallback_only(args, config: ZooConfig, fallback_methods, fallback_budget, command: str, commit: str,
+                   start: float) -> int:
     """The fallback runs again on the networks of the JSON beside ``--out``; the markdown rewritten from both."""
     from qlightning.calibration_table import bench, run_fallbacks
 
@@ -117,12 +119,9 @@ def _fallback_only(args, config: ZooConfig, fallback_methods, start: float) -> i
     data = json.loads(out.with_suffix(".json").read_text())
     for network in data["networks"]:
         b = bench(network["model"], config, Path(args.workdir), Path(args.float_cache))
-        network["fallbacks"] = run_fallbacks(b, network["methods"], "onnxruntime", fallback_methods,
-                                             None if args.fallback_budget < 0 else args.fallback_budget)
-        network.pop("fallback", None)
-    data["meta"]["fallback_command"] = "python scripts/calibration_table.py " + shlex.join(sys.argv[1:])
-    data["meta"]["fallback_minutes"] = (time.perf_counter() - start) / 60
-    data["meta"]["fallback_commit"] = _commit()
+        network["fallbacks"] = run_fallbacks(b, network["methods"], "onnxruntime", fallback_methods, fallback_budget)
+    data["meta"].update(fallback_command=command, fallback_minutes=(time.perf_counter() - start) / 60,
+                        fallback_commit=commit)
     write_text_atomic(out, markdown(data["networks"], data["meta"]))
     write_json(out.with_suffix(".json"), jsonable(data))
     print(out.read_text())
