@@ -69,6 +69,7 @@ the activations), plus one call of each int8 layer alone, plus one more int8 for
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -242,6 +243,19 @@ def _rank(value: float) -> tuple[bool, float]:
     return (True, 0.0) if math.isnan(value) else (False, value)
 
 
+@contextlib.contextmanager
+def _evaluating(module: nn.Module):
+    """Eval behaviour inside (dropout off, BatchNorm on running statistics, which it then leaves alone);
+    each submodule's own mode restored after."""
+    training = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+
+
 def _sqnr(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
@@ -315,22 +329,19 @@ class _FloatRun:
             return hook
 
         handles = []
-        training = {m: m.training for m in network.modules()}
         try:
             for name, module in self.modules.items():
                 handles.append(module.register_forward_pre_hook(pre_hook(name)))
                 handles.append(module.register_forward_hook(post_hook(name)))
-            network.eval()
             device = _device_of(network)
             moved = tuple(_to(x, device) for x in inputs)
             keep_alive.extend(moved)
             self.input_ids = {id(x) for x in moved if isinstance(x, torch.Tensor)}
-            self.output = _copy(_first_tensor(network(*moved)))
+            with _evaluating(network):
+                self.output = _copy(_first_tensor(network(*moved)))
         finally:
             for handle in handles:
                 handle.remove()
-            for module, mode in training.items():
-                module.training = mode
         self.position = {id(call): i for i, call in enumerate(self.calls)}
 
     def followers(self, last: _Call, absent) -> list[_Call]:
@@ -492,8 +503,6 @@ def _keeps_grid_module(module: nn.Module) -> bool:
 
 
 def _compare_modules(float_network: nn.Module, quantized: nn.Module, inputs: tuple) -> LayerReport:
-    import contextlib
-
     from qlightning.quantized_engine import quantized_engine
 
     # Eager mode wraps the network: EagerQuantWrapper(quant, net, dequant).
@@ -532,19 +541,15 @@ def _compare_modules(float_network: nn.Module, quantized: nn.Module, inputs: tup
         return quantized_engine(engine) if engine else contextlib.nullcontext()
 
     handles = []
-    training = {m: m.training for m in quantized.modules()}
     try:
         for name, module in watched.items():
             handles.append(module.register_forward_pre_hook(pre_hook(name)))
             handles.append(module.register_forward_hook(post_hook(name)))
-        quantized.eval()
-        with scope():
-            quantized(*(_to(x, torch.device("cpu")) for x in inputs))
+        with scope(), _evaluating(quantized):
+            baseline = _copy(_first_tensor(quantized(*(_to(x, torch.device("cpu")) for x in inputs))))
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in training.items():
-            module.training = mode
 
     def absent(name: str) -> bool:
         """Fused away: gone from the int8 network, or an ``nn.Identity`` there (eager)."""
@@ -595,8 +600,7 @@ def _compare_modules(float_network: nn.Module, quantized: nn.Module, inputs: tup
         layer = acc.result()
         if layer is not None:
             results.append(layer)
-    with scope():
-        baseline = _copy(_first_tensor(quantized(*(_to(x, torch.device("cpu")) for x in inputs))))
+    with scope(), _evaluating(quantized):  # the int8 network run once more per layer, as in the run above
         gains = {}
         for layer in results:
             name = layer.name
@@ -617,13 +621,8 @@ def _float_layer(modules: dict[str, nn.Module], members: Sequence[str], extra_re
         back = value.device
         value = value.dequantize().to(device)
         for name in members:
-            module = modules[name]
-            # Eval behaviour, restored after: a BatchNorm in training mode would use and update batch statistics.
-            training, module.training = module.training, False
-            try:
-                value = module(value)
-            finally:
-                module.training = training
+            with _evaluating(modules[name]):
+                value = modules[name](value)
         if extra_relu:
             value = F.relu(value)
         if trailing:
