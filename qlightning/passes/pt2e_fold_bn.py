@@ -112,8 +112,9 @@ def unscale_by_reciprocal(gm: fx.GraphModule) -> int:
       so scaling a channel's input by ``c`` changes its output only through ``eps``: the dropped term is
       zero up to ``eps / (batch_var + eps)``, and float32 rounding of a sum that cancels (test_passes
       bounds the gamma gradients' difference; every other gradient is torchao's). Its backward was a
-      full-size multiply plus a sum over N, H, W per conv-bn: 3 % of the QAT step (batch 16, 64x64, 2 threads, side by side in one process, two runs):
-      MobileNetV2 341 -> 330 ms and 371 -> 363 ms, ResNet18 540 -> 523 ms and 477 -> 469 ms. The weight
+      full-size multiply plus a sum over N, H, W per conv-bn: 3 % of the QAT step (batch 16, 64x64,
+      2 threads, side by side in one process, two runs): MobileNetV2 341 -> 330 ms and 371 -> 363 ms,
+      ResNet18 540 -> 523 ms and 477 -> 469 ms. The weight
       side, ``w * s``, keeps its gradient: there it is not scale-invariant (the fake-quant rounds ``w * s``).
 
     Only pairs that :func:`fold_qat_conv_bn` recognises are rewritten, so folding is unchanged.
