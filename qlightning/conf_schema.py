@@ -65,6 +65,9 @@ class QatSchema(_QuantSchema):
     fold_bn: bool = True
     # At fit end: per-layer SQNR against the float network with the trained weights (layers.json, loggers).
     layer_report: bool = True
+    # Train through torch.compile (mode pt2e; observers minmax / moving_average_minmax). A dict of
+    # torch.compile options is accepted from Python; configs take the switch.
+    compile: bool = False
     # Run length of the QAT phase (read by the job, not a callback argument).
     epochs: int = 3
 

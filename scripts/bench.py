@@ -25,6 +25,7 @@ TARGETS = {
     "qat_step_over_float.mobilenet_v2": 1.3,
     "qat_step_over_float.resnet18": 1.3,
     "qat_epoch_over_handwritten_torchao.ratio": 1.05,
+    "qat_epoch_over_handwritten_torchao.qlightning_over_plain_lightning": 1.03,
     "size_ratio.resnet18": 0.27,
     "sqnr_db.default_job": 35.0,  # a lower bound
     "accuracy_delta_qat.points": 0.5,
@@ -146,25 +147,31 @@ def _median_ms(fn, warmup: int, rounds: int) -> list[float]:
     return times
 
 
-def qat_step_over_float(quick: bool) -> dict:
+def qat_step_over_float(quick: bool, compiled: bool) -> dict:
     """One training step (forward, backward, SGD step) of the same network and batch, float vs
-    qlightning's PT2E QAT preparation (fused observer + fake-quant), interleaved in rounds."""
+    qlightning's PT2E QAT preparation, interleaved in rounds; with ``compiled`` also both through
+    ``torch.compile`` (QAT the way ``QuantizationAwareTraining(compile=True)`` does it). The compile time
+    is the first three steps' time less three median steps."""
     import torchvision
 
     from qlightning.callbacks.config import build_recipe
     from qlightning.modes.registry import get_mode
 
+    impl = get_mode("pt2e")
     results = {}
     for name, make, shape in (("mobilenet_v2", lambda: torchvision.models.mobilenet_v2(num_classes=10), (16, 3, 64, 64)),
                               ("resnet18", lambda: torchvision.models.resnet18(num_classes=10), (16, 3, 64, 64))):
         torch.manual_seed(0)
         x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
-        float_net = make().train()
         backend, recipe = build_recipe("pt2e", "x86", "moving_average_minmax", "per_channel_symmetric",
                                        "per_tensor_affine")
-        qat_net = get_mode("pt2e").prepare_qat(make(), (x,), recipe, backend).train()
-        sides = {}
-        for side, net in (("float", float_net), ("qat", qat_net)):
+        networks = {"float": make().train(), "qat": impl.prepare_qat(make(), (x,), recipe, backend).train()}
+        if compiled:
+            networks["float_compiled"] = torch.compile(make().train())
+            networks["qat_compiled"] = impl.prepare_qat(make(), (x,), recipe, backend).train()
+            impl.compile_training(networks["qat_compiled"], {})
+        sides, first_steps_s = {}, {}
+        for side, net in networks.items():
             optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
 
             def step(net=net, optimizer=optimizer):
@@ -172,15 +179,67 @@ def qat_step_over_float(quick: bool) -> dict:
                 torch.nn.functional.cross_entropy(net(x), y).backward()
                 optimizer.step()
 
+            start = time.perf_counter()
+            for _ in range(3):  # the compiled QAT side compiles at its second step (see ExportedNetwork)
+                step()
+            first_steps_s[side] = time.perf_counter() - start
             sides[side] = step
-        times = {"float": [], "qat": []}
+        times = {side: [] for side in sides}
         for _ in range(3 if quick else 6):  # alternate blocks so drift hits both sides alike
             for side, step in sides.items():
                 times[side] += _median_ms(step, warmup=2, rounds=5 if quick else 10)
         medians = {k: statistics.median(v) for k, v in times.items()}
         results[name] = round(medians["qat"] / medians["float"], 3)
         results[f"{name}_step_ms"] = {k: round(v, 2) for k, v in medians.items()}
+        if compiled:
+            results[f"{name}_compiled"] = round(medians["qat_compiled"] / medians["float_compiled"], 3)
+            results[f"{name}_compiled_qat_over_eager_float"] = round(medians["qat_compiled"] / medians["float"], 3)
+            results[f"{name}_compile_s"] = {side: round(first_steps_s[side] - 3 * medians[side] / 1000, 1)
+                                            for side in ("float_compiled", "qat_compiled")}
     return results
+
+
+def compiled_qat_epochs(quick: bool) -> dict:
+    """The default job's QAT (SmallCNN on digits, batch 64, PT2E x86) through Lightning, with and without
+    ``compile=True``: the first epoch (which compiles, cold in the first compiled fit and from dynamo's
+    and inductor's in-process caches after) and the median of the later epochs. Sides alternate."""
+    import lightning as L
+
+    from qlightning import QuantizationAwareTraining
+    from qlightning.data import DigitsDataModule
+    from qlightning.models import ImageClassifier, SmallCNN
+
+    datamodule = DigitsDataModule(batch_size=64)
+    datamodule.setup()
+    epochs = 3 if quick else 4
+    epoch_times: dict[str, list[list[float]]] = {"uncompiled": [], "compiled": []}
+
+    class EpochTimer(L.Callback):
+        def __init__(self, times: list[float]):
+            self.times = times
+
+        def on_train_epoch_start(self, *args):
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, *args):
+            self.times.append(time.perf_counter() - self.start)
+
+    for repeat in range(2):
+        for side in ("compiled", "uncompiled") if repeat % 2 == 0 else ("uncompiled", "compiled"):
+            L.seed_everything(repeat, verbose=False)
+            times: list[float] = []
+            qat = QuantizationAwareTraining("pt2e", "x86", compile=side == "compiled", layer_report=False)
+            # Timing training epochs only: no validation, sanity check, summary or progress bar to time.
+            trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                limit_val_batches=0, callbacks=[qat, EpochTimer(times)])
+            trainer.fit(ImageClassifier(SmallCNN(), lr=1e-3), datamodule)
+            epoch_times[side].append(times)
+    later = {side: statistics.median(t for run in runs for t in run[1:]) for side, runs in epoch_times.items()}
+    return {"later_epoch_ratio": round(later["compiled"] / later["uncompiled"], 3),
+            "first_epoch_s": {side: [round(run[0], 1) for run in runs] for side, runs in epoch_times.items()},
+            "later_epoch_ms": {side: round(1000 * t, 1) for side, t in later.items()},
+            "steps_per_epoch": len(datamodule.train_dataloader())}
 
 
 def qat_epoch_over_handwritten_torchao(quick: bool) -> dict:
@@ -284,15 +343,17 @@ def default_job_figures(workdir: Path) -> dict:
     }
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, compiled: bool = True) -> dict:
     import onnxruntime
 
     results = {"command": "python scripts/bench.py" + (" --quick" if quick else ""),
                "date": datetime.date.today().isoformat(), "machine": cpu_flags(),
                "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
                "ort_int8_over_fp32": {}, "ort_int8_over_quantize_static": {}, "raw": {}}
-    results["qat_step_over_float"] = qat_step_over_float(quick)
+    results["qat_step_over_float"] = qat_step_over_float(quick, compiled)
     results["qat_epoch_over_handwritten_torchao"] = qat_epoch_over_handwritten_torchao(quick)
+    if compiled:
+        results["compiled_qat_epochs"] = compiled_qat_epochs(quick)
     results["monitor_overhead"] = monitor_overhead(quick)
     with tempfile.TemporaryDirectory() as tmp:
         results.update(default_job_figures(Path(tmp)))
@@ -347,9 +408,19 @@ def markdown(results: dict) -> str:
               f"{epoch['qlightning_over_plain_lightning']}, plain Lightning / hand-written = "
               f"{epoch['plain_lightning_over_handwritten']}."]
     steps = results["qat_step_over_float"]
-    lines += ["", "QAT step (batch 16, 64x64, uncompiled; medians): " + "; ".join(
-        f"{name} float {steps[f'{name}_step_ms']['float']} ms, PT2E QAT {steps[f'{name}_step_ms']['qat']} ms"
+    lines += ["", "QAT step (batch 16, 64x64; medians): " + "; ".join(
+        f"{name} " + ", ".join(f"{side} {ms} ms" for side, ms in steps[f"{name}_step_ms"].items())
         for name in ("mobilenet_v2", "resnet18") if f"{name}_step_ms" in steps) + "."]
+    for name in ("mobilenet_v2", "resnet18"):
+        if f"{name}_compiled" in steps:
+            lines.append(f"Compiled {name}: QAT / float {steps[f'{name}_compiled']} (both compiled), compiled QAT / "
+                         f"eager float {steps[f'{name}_compiled_qat_over_eager_float']}; compile time "
+                         f"{steps[f'{name}_compile_s']} s.")
+    if "compiled_qat_epochs" in results:
+        epochs = results["compiled_qat_epochs"]
+        lines += ["", f"Default job QAT through Lightning ({epochs['steps_per_epoch']} steps an epoch): first epoch "
+                  f"{epochs['first_epoch_s']} s, later epochs {epochs['later_epoch_ms']} ms (compiled / uncompiled "
+                  f"{epochs['later_epoch_ratio']})."]
     overhead = results["monitor_overhead"]
     lines += ["", f"QParamMonitor(log_every_n_steps=50): QAT step {overhead['step_ms']['plain']} ms without, "
               f"{overhead['step_ms']['monitored']} ms with (median), mean-step ratio {overhead['ratio']} "
@@ -364,11 +435,13 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calibration batches")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile sides (they compile for minutes on 2 cores)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the results table (markdown) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    results = run(args.quick)
+    results = run(args.quick, compiled=not args.no_compile)
     print(json.dumps({k: v for k, v in results.items() if k not in ("raw", "machine", "versions")}, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -5,7 +5,7 @@ Each rank sees its data at a different scale (rank r multiplies inputs by 1 + r)
 reduced over ranks are visibly not one rank's. Every rank writes ``rank<r>.pt``: the prepared
 network's state, the observers' maxima, the int8 model's outputs on fixed inputs, what it exported.
 
-    python tests/ddp_worker.py <strategy> <mode> <qat|ptq> <observer> <out dir>
+    python tests/ddp_worker.py <strategy> <mode> <qat|qat_compiled|ptq> <observer> <out dir>
 """
 
 import os
@@ -65,6 +65,8 @@ class Record(L.Callback):
                 "observer_maxima": observer_maxima(network),
                 "int8_out": int8_out,
                 "exported": sorted(quant.exported or []),
+                # The training behaviours that ran compiled (QuantizationAwareTraining(compile=True)).
+                "compiled": sorted(getattr(network, "_compiled", {})),
             },
             os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
         )
@@ -74,8 +76,9 @@ def main(strategy: str, mode: str, kind: str, observer: str, out: str) -> None:
     L.seed_everything(0, verbose=False)
     model = ImageClassifier(SmallCNN(), lr=3e-3)
     extra_callbacks, logger = [], False
-    if kind == "qat":
-        quant = QuantizationAwareTraining(mode, "x86", observer, export=["onnx"], export_dir=out)
+    if kind.startswith("qat"):
+        quant = QuantizationAwareTraining(mode, "x86", observer, export=["onnx"], export_dir=out,
+                                          compile=kind == "qat_compiled")
         # qparam curves under DDP: written once, by rank zero
         extra_callbacks = [QParamMonitor(log_every_n_steps=5, histograms=False)]
         logger = CSVLogger(out, name="logs")

@@ -24,6 +24,7 @@ EXPECTED_INPUT_MAX = {"minmax": 1.99, "histogram": 1.99, "moving_average_minmax"
     "strategy,mode,kind,observer",
     [
         ("ddp", "pt2e", "qat", "minmax"),
+        ("ddp", "pt2e", "qat_compiled", "moving_average_minmax"),  # each rank trains through torch.compile
         ("ddp", "eager", "qat", "moving_average_minmax"),
         ("ddp_spawn", "fx", "qat", "minmax"),
         ("ddp", "pt2e", "ptq", "histogram"),
@@ -46,9 +47,10 @@ def test_ranks_end_with_identical_qparams_and_int8_models(strategy, mode, kind, 
     for rank in ranks:
         assert max(rank["observer_maxima"]) >= EXPECTED_INPUT_MAX[observer], rank["observer_maxima"]
 
+    assert all(bool(rank["compiled"]) == (kind == "qat_compiled") for rank in ranks)
     assert ranks[0]["exported"] == ["onnx"] and ranks[1]["exported"] == []
     assert sorted(p.name for p in tmp_path.glob("net.onnx*")) == ["net.onnx", "net.onnx.report.json"]
-    if kind == "qat":  # QParamMonitor ran on both ranks; one metrics file, written by rank zero
+    if kind.startswith("qat"):  # QParamMonitor ran on both ranks; one metrics file, written by rank zero
         metrics = list(tmp_path.glob("logs/**/metrics.csv"))
         assert len(metrics) == 1
         header = metrics[0].read_text().splitlines()[0]

@@ -3,7 +3,7 @@ fails before any data is loaded or any training step is spent."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from qlightning.backends import Backend, available_backends, get_backend
 from qlightning.errors import QuantizationConfigError, unknown_choice
@@ -101,6 +101,31 @@ def check_modules_to_fuse(mode: str, modules_to_fuse) -> None:
             f"modules_to_fuse must be a list of groups of submodule names, e.g. [['conv1', 'bn1', 'relu1']], "
             f"got {modules_to_fuse!r}"
         )
+
+
+def check_compile(mode: str, observer: str, value) -> dict[str, Any] | None:
+    """``torch.compile`` options for ``compile=`` (``True``: none), or ``None`` when off."""
+    if value is False:
+        return None
+    if value is True:
+        options = {}
+    elif isinstance(value, Mapping) and all(isinstance(key, str) for key in value):
+        options = dict(value)
+    else:
+        raise QuantizationConfigError(
+            f"compile must be True, False or a dict of torch.compile options (e.g. {{'mode': 'max-autotune'}}), "
+            f"got {value!r}"
+        )
+    from qlightning.modes.registry import get_mode
+
+    impl = get_mode(mode)
+    if not impl.compiles_training:
+        raise QuantizationConfigError(
+            f"compile=True trains through torch.compile in mode='pt2e' only, got mode={mode!r}: eager and FX "
+            f"quantizers come from torch.ao.quantization, which is deprecated; use mode='pt2e', or compile=False"
+        )
+    impl.check_compilable(observer)
+    return options
 
 
 def check_flag(name: str, value) -> None:

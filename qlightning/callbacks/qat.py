@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from qlightning.callbacks.config import activation_scheme_name, build_recipe, check_epoch, check_flag, check_modules_to_fuse
+from qlightning.callbacks.config import (
+    activation_scheme_name,
+    build_recipe,
+    check_compile,
+    check_epoch,
+    check_flag,
+    check_modules_to_fuse,
+)
 from qlightning.callbacks.exporting import check_export_formats, export_formats, pass_check_inputs
 from qlightning.callbacks.observation import ObservationPause, pause_observation
 from qlightning.callbacks.target import check_float_network, resolve_example_inputs, resolve_network
@@ -54,6 +61,11 @@ class QuantizationAwareTraining(Callback):
             trained weights (:func:`qlightning.compare_layers`, on a validation batch) into :attr:`layers`,
             log it (``quant/layer_sqnr/<layer>``; a bar chart in TensorBoard) and, with ``export``, write
             ``<export_dir>/layers.json``.
+        compile: train the prepared network through ``torch.compile`` (``mode="pt2e"``; observers ``minmax``
+            and ``moving_average_minmax``): ``True``, or a dict of ``torch.compile`` options. The quantizers
+            get branch-free forwards (same state, same qparams), the first training batch runs uncompiled
+            (per-channel observers size their buffers on it), and evaluation stays uncompiled; compiling
+            costs time on the first compiled step (see ``docs/benchmarks.md`` for when it pays).
         export / export_dir: formats to export at fit end (``["onnx"]``, ``"pt2"``) under ``export_dir``
             (default ``<trainer.log_dir>/quantized``); each file is verified in its runtime against the
             fake-quantized network and gets a ``.report.json`` (:func:`qlightning.export`).
@@ -80,6 +92,7 @@ class QuantizationAwareTraining(Callback):
         fold_bn: bool = True,
         layer_report: bool = True,
         merge_relu: bool = True,
+        compile: bool | Mapping[str, Any] = False,
         export: Sequence[str] | None = None,
         export_dir: str | None = None,
     ):
@@ -106,6 +119,8 @@ class QuantizationAwareTraining(Callback):
         # The per-layer error of the int8 model against the float network with the trained weights.
         self.layers = None
         self._float_template: nn.Module | None = None
+        # torch.compile options, or None when training runs uncompiled.
+        self.compile_options = check_compile(mode, observer, compile)
         check_flag("merge_relu", merge_relu)
         self.fold_bn, self.merge_relu = fold_bn, merge_relu
         self.export = check_export_formats(export, self.backend.name)
@@ -194,6 +209,8 @@ class QuantizationAwareTraining(Callback):
         )
         # Replacing the attribute before optimizers exist makes configure_optimizers see the
         # prepared parameters (the fused, fake-quantized ones, LSQ scales included).
+        if self.compile_options is not None:
+            self._impl.compile_training(prepared, self.compile_options)
         setattr(pl_module, self._attr, prepared)
         self._prepared = prepared
         # The schedule's state belongs to the network: a callback reused on a new model starts unfrozen.
@@ -207,7 +224,8 @@ class QuantizationAwareTraining(Callback):
         prepared.register_load_state_dict_post_hook(_CallbackHook(self, "_on_network_state_loaded"))
         rank_zero_info(
             f"qlightning: prepared `{self._attr}` for QAT (mode={self.mode}, backend={self.backend.name}, "
-            f"observer={self.observer}, {len(self._impl.quantizers(prepared))} quantizers)"
+            f"observer={self.observer}, {len(self._impl.quantizers(prepared))} quantizers"
+            f"{', training compiled' if self.compile_options is not None else ''})"
         )
         # Lightning's model summary and sanity check run forwards before training starts.
         self._pause_observation()

@@ -32,6 +32,8 @@ _OTHER_MODES_HINT = {
 
 class QuantMode(ABC):
     name: str
+    # Whether QAT can train the prepared network through torch.compile (``compile_training``).
+    compiles_training: bool = False
 
     @abstractmethod
     def prepare_qat(
@@ -55,6 +57,13 @@ class QuantMode(ABC):
     @abstractmethod
     def convert(self, prepared: nn.Module, backend: Backend) -> nn.Module:
         """Return an int8 model built from a *copy* of ``prepared``; ``prepared`` is left trainable."""
+
+    def check_compilable(self, observer: str) -> None:
+        """Raise ``QuantizationConfigError`` unless ``compile_training`` can train with ``observer``."""
+
+    def compile_training(self, prepared: nn.Module, options: dict) -> None:
+        """Make ``prepared``'s training forwards run through ``torch.compile(**options)``."""
+        raise NotImplementedError(f"mode {self.name!r} does not compile training")
 
     @abstractmethod
     def observers(self, prepared: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -159,11 +159,45 @@ class ExportedNetwork(nn.Module):
         self.inference_only = inference_only
         self.bn_frozen = False
         self._graph_behaviour: tuple[bool, bool] | None = None  # (batchnorm, dropout) training flags in the graph
+        # torch.compile options when training forwards run compiled (compile_training), else None.
+        self.compile_options: dict | None = None
+        # The compiled training graphs, by behaviour; never copied or pickled (see __getstate__).
+        self._compiled: dict[tuple[bool, bool], nn.Module] = {}
         self.train(not inference_only)
 
     def forward(self, *args):
         self._sync_graph_behaviour()
-        return self.graph_module(*args)
+        compiled = self._compiled_graph() if self.compile_options is not None else None
+        return (self.graph_module if compiled is None else compiled)(*args)
+
+    def compile_training(self, **options) -> None:
+        """Run training-behaviour forwards through ``torch.compile(**options)`` from now on.
+
+        Each training behaviour (BatchNorm updating or frozen) gets its own compiled copy of the graph,
+        sharing this network's parameters, buffers and quantizers: switching to validation rewrites the
+        graph's training flags (``set_exported_training``), and a rewritten graph is new code to dynamo,
+        which would compile it again at every switch. Evaluation runs uncompiled. The quantizers must be
+        branch-free first (:func:`qlightning.modes.pt2e_compile.compilable_quantizers`)."""
+        self.compile_options = dict(options)
+        self._compiled = {}
+
+    def _compiled_graph(self) -> nn.Module | None:
+        from qlightning.modes.pt2e_compile import quantizers_sized
+
+        behaviour = self._graph_behaviour
+        if not behaviour[1] or not torch.is_grad_enabled():
+            return None  # evaluation, or a no-grad forward in train mode
+        compiled = self._compiled.get(behaviour)
+        if compiled is None:
+            if not quantizers_sized(self.graph_module):
+                return None  # per-channel observers size their buffers on the first batch, uncompiled
+            variant = torch.fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
+            compiled = self._compiled[behaviour] = torch.compile(variant, **self.compile_options)
+        return compiled
+
+    def __getstate__(self):
+        # Compiled graphs hold dynamo's caches and code: copies and pickles recompile on first use.
+        return {**self.__dict__, "_compiled": {}}
 
     def train(self, mode: bool = True):
         # torchao makes ``train()`` on the exported graph raise; the flag itself is harmless to set.
@@ -235,6 +269,18 @@ def _fake_quantizers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 class Pt2eMode(QuantMode):
     name = "pt2e"
+    compiles_training = True
+
+    def check_compilable(self, observer: str) -> None:
+        from qlightning.modes.pt2e_compile import check_compilable_observer
+
+        check_compilable_observer(get_observer(observer))
+
+    def compile_training(self, prepared: ExportedNetwork, options: dict) -> None:
+        from qlightning.modes.pt2e_compile import compilable_quantizers
+
+        compilable_quantizers(prepared)
+        prepared.compile_training(**options)
 
     def _export(self, network, example_inputs) -> torch.fx.GraphModule:
         try:
