@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -262,15 +263,28 @@ def qat_epoch_over_handwritten_torchao(quick: bool) -> dict:
     epochs = 3 if quick else 5
     epoch_times: dict[str, list[float]] = {"qlightning": [], "plain_lightning": [], "handwritten": []}
 
+    step_times: dict[str, list[float]] = {"qlightning": [], "plain_lightning": []}
+
     class EpochTimer(L.Callback):
+        """Epoch times, and the training steps within them (batch start to batch end): on a shared
+        machine the per-fit epoch medians of one side spread 300-490 ms (2026-12-02), so the step
+        medians, which leave out the data loading and the loop between steps, say more."""
+
         def __init__(self, side: str):
             self.side = side
 
-        def on_train_epoch_start(self, *args):
+        def on_train_epoch_start(self, trainer, *args):
             self.start = time.perf_counter()
 
-        def on_train_epoch_end(self, *args):
+        def on_train_epoch_end(self, trainer, *args):
             epoch_times[self.side].append(time.perf_counter() - self.start)
+
+        def on_train_batch_start(self, trainer, *args):
+            self.step_start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.current_epoch > 0:  # after warm-up, like the epochs
+                step_times[self.side].append(time.perf_counter() - self.step_start)
 
     def hand_prepared() -> torch.nn.Module:
         backend, recipe = build_recipe("pt2e", "x86", "moving_average_minmax", "per_channel_symmetric",
@@ -313,8 +327,11 @@ def qat_epoch_over_handwritten_torchao(quick: bool) -> dict:
             side(repeat)
     # Each fit's first epoch includes warm-up: drop it.
     medians = {side: statistics.median(t for i, t in enumerate(times) if i % epochs) for side, times in epoch_times.items()}
+    step_medians = {side: statistics.median(times) for side, times in step_times.items()}
     return {"ratio": round(medians["qlightning"] / medians["handwritten"], 3),
             "qlightning_over_plain_lightning": round(medians["qlightning"] / medians["plain_lightning"], 3),
+            "qlightning_over_plain_lightning_step": round(step_medians["qlightning"] / step_medians["plain_lightning"], 3),
+            "step_ms": {side: round(1000 * m, 3) for side, m in step_medians.items()},
             "plain_lightning_over_handwritten": round(medians["plain_lightning"] / medians["handwritten"], 3),
             "steps_per_epoch": len(datamodule.train_dataloader()),
             "epoch_ms": {side: round(1000 * m, 1) for side, m in medians.items()}}
@@ -406,7 +423,9 @@ def markdown(results: dict) -> str:
               f"the same torchao-prepared network in plain Lightning {epoch['epoch_ms']['plain_lightning']} ms, "
               f"hand-written loop {epoch['epoch_ms']['handwritten']} ms: qlightning / plain Lightning = "
               f"{epoch['qlightning_over_plain_lightning']}, plain Lightning / hand-written = "
-              f"{epoch['plain_lightning_over_handwritten']}."]
+              f"{epoch['plain_lightning_over_handwritten']}. Training steps alone (medians): qlightning "
+              f"{epoch['step_ms']['qlightning']} ms, plain Lightning {epoch['step_ms']['plain_lightning']} ms, "
+              f"ratio {epoch['qlightning_over_plain_lightning_step']}."]
     steps = results["qat_step_over_float"]
     lines += ["", "QAT step (batch 16, 64x64; medians): " + "; ".join(
         f"{name} " + ", ".join(f"{side} {ms} ms" for side, ms in steps[f"{name}_step_ms"].items())
@@ -441,6 +460,8 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the results table (markdown) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    # Compile times are cold: inductor's on-disk cache from an earlier run would make them seconds.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     results = run(args.quick, compiled=not args.no_compile)
     print(json.dumps({k: v for k, v in results.items() if k not in ("raw", "machine", "versions")}, indent=2))
     if args.out:

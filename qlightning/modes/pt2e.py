@@ -199,6 +199,12 @@ class ExportedNetwork(nn.Module):
         # Compiled graphs hold dynamo's caches and code: copies and pickles recompile on first use.
         return {**self.__dict__, "_compiled": {}}
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .cpu() replace buffer tensors (BN running stats) in their owning modules, and a compiled
+        # copy of the graph holds its own references to the graph's buffers: compile again after a move.
+        self._compiled = {}
+        return super()._apply(fn, recurse)
+
     def train(self, mode: bool = True):
         # torchao makes ``train()`` on the exported graph raise; the flag itself is harmless to set.
         for module in self.modules():

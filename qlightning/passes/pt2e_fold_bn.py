@@ -38,25 +38,22 @@ def _get_attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
 
 
 def _is_safe_inverse(node) -> bool:
-    """``where(s == 0, 0, reciprocal(where(s == 0, 1, s)))`` as :func:`unscale_by_reciprocal` writes it."""
+    """``where(s == 0, 0, reciprocal(s))`` of a detached ``s``, as :func:`unscale_by_reciprocal` writes it."""
     return (
         isinstance(node, fx.Node)
-        and node.target == aten.where.self
+        and node.target == aten.where.ScalarSelf
         and getattr(node.args[2], "target", None) == aten.reciprocal.default
     )
 
 
 def _is_unscale(node) -> bool:
-    """``conv_out / s`` as torchao writes it, or ``conv_out * detach(safe_inverse(s))`` after
+    """``conv_out / s`` as torchao writes it, or ``conv_out * safe_inverse(s)`` after
     :func:`unscale_by_reciprocal`."""
     if not isinstance(node, fx.Node) or not isinstance(node.args[0], fx.Node):
         return False
     if node.target == aten.div.Tensor:
         return True
-    inverse = node.args[1]
-    if isinstance(inverse, fx.Node) and inverse.target == aten.detach.default:
-        inverse = inverse.args[0]
-    return node.target == aten.mul.Tensor and _is_safe_inverse(inverse)
+    return node.target == aten.mul.Tensor and _is_safe_inverse(node.args[1])
 
 
 def _match(gm: fx.GraphModule, bn: fx.Node):
@@ -104,8 +101,8 @@ def unscale_by_reciprocal(gm: fx.GraphModule) -> int:
       2.08x the float step, measured side by side.
     - gamma == 0 (a switched-off channel; torchvision's ``zero_init_residual``): ``0 / 0`` made the whole
       network NaN. The channel's weight scales to 0 and its conv output is 0, so ``inverse(0) = 0``
-      gives the exact result, ``beta``: ``inverse(s) = where(s == 0, 0, 1 / where(s == 0, 1, s))``,
-      finite in forward and backward.
+      gives the exact result, ``beta``: ``inverse(s) = where(s == 0, 0, 1 / s)`` on the detached ``s``
+      (no gradient flows through it, so the unselected ``1 / 0 = inf`` never meets a backward).
 
     - The inverse is detached: no gradient flows through ``1 / s`` into gamma. The batch-norm that reads
       ``conv_out * inverse(s)`` is in training mode and normalises each channel by its batch statistics,
@@ -129,15 +126,13 @@ def unscale_by_reciprocal(gm: fx.GraphModule) -> int:
             continue  # already rewritten
         conv_out, scale = unscale.args[:2]
         with graph.inserting_before(unscale):
-            is_zero = graph.call_function(aten.eq.Scalar, (scale, 0.0))
-            safe = graph.call_function(aten.where.ScalarSelf, (is_zero, 1.0, scale))
-            inverse = graph.call_function(
-                aten.where.self,
-                (is_zero, graph.call_function(aten.zeros_like.default, (scale,)),
-                 graph.call_function(aten.reciprocal.default, (safe,))),
-            )
-            product = graph.call_function(aten.mul.Tensor,
-                                          (conv_out, graph.call_function(aten.detach.default, (inverse,))))
+            # Detached first: the three C-element ops below then record no autograd history (per-op
+            # overhead is what a small network's step is made of).
+            detached = graph.call_function(aten.detach.default, (scale,))
+            is_zero = graph.call_function(aten.eq.Scalar, (detached, 0.0))
+            inverse = graph.call_function(aten.where.ScalarSelf,
+                                          (is_zero, 0.0, graph.call_function(aten.reciprocal.default, (detached,))))
+            product = graph.call_function(aten.mul.Tensor, (conv_out, inverse))
         product.meta.update(unscale.meta)
         unscale.replace_all_uses_with(product)
         graph.erase_node(unscale)
