@@ -207,10 +207,10 @@ class QuantizationAwareTraining(Callback):
             network, example_inputs, self.recipe, self.backend, modules_to_fuse=self.modules_to_fuse,
             skip=self.skipped_layers,
         )
-        # Replacing the attribute before optimizers exist makes configure_optimizers see the
-        # prepared parameters (the fused, fake-quantized ones, LSQ scales included).
         if self.compile_options is not None:
             self._impl.compile_training(prepared, self.compile_options)
+        # Replacing the attribute before optimizers exist makes configure_optimizers see the
+        # prepared parameters (the fused, fake-quantized ones, LSQ scales included).
         setattr(pl_module, self._attr, prepared)
         self._prepared = prepared
         # The schedule's state belongs to the network: a callback reused on a new model starts unfrozen.

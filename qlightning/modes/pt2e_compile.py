@@ -3,12 +3,11 @@
 torchao 0.18's ``FakeQuantize`` and its min/max observers branch on tensor values
 (``if self.observer_enabled[0] == 1``, ``if min_val == inf``, ``check_min_max_valid``'s asserts),
 ``resize_`` their buffers and turn a 0-d scale into a list through ``float()``: dynamo breaks the graph
-at every quantizer (about 150 graphs for MobileNetV2) and then hits its recompile limit. The classes
-here are the same modules with branch-free forwards: both sides of each data-dependent ``if`` are
-computed and selected with ``torch.where``, so one graph covers observers on and off and fake-quant on
-and off. Uncompiled they are bit-identical to torchao's (``tests/test_compile.py``); compiled, inductor
-may contract ``a + c * (b - a)`` into one fused multiply-add, a last-bit difference in the moving
-average.
+at every quantizer (MobileNetV2 has 107) and then hits its recompile limit. The classes here are the
+same modules with branch-free forwards: both sides of each data-dependent ``if`` are computed and
+selected with ``torch.where``, so one graph covers observers on and off and fake-quant on and off.
+Uncompiled they are bit-identical to torchao's (``tests/test_compile.py``); compiled, inductor's kernels
+round differently in the last bits, which the tests hold to what a one-ulp input change does.
 
 They replace the classes of the prepared network's quantizers in place (``__class__``): same
 attributes, buffers, ``state_dict`` and qparams, so conversion, the monitor, checkpoints and DDP's
@@ -85,7 +84,8 @@ class CompilableFakeQuantize(ao_fake_quantize.FakeQuantize):
     def _is_sized(self) -> bool:
         # Per-channel observers start with empty buffers and size them on the first batch (resize_, which
         # dynamo cannot trace): until then the torchao forward runs; shapes are static under compile.
-        return self.activation_post_process.min_val.numel() > 0 and self.scale.shape == self.activation_post_process.min_val.reshape(-1).shape
+        min_val = self.activation_post_process.min_val
+        return min_val.numel() > 0 and self.scale.shape == min_val.reshape(-1).shape
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         observer = self.activation_post_process
