@@ -200,10 +200,14 @@ class ExportedNetwork(nn.Module):
         return {**self.__dict__, "_compiled": {}}
 
     def _apply(self, fn, recurse=True):
-        # .to() / .cpu() replace buffer tensors (BN running stats) in their owning modules, and a compiled
-        # copy of the graph holds its own references to the graph's buffers: compile again after a move.
-        self._compiled = {}
-        return super()._apply(fn, recurse)
+        # A move to another device or dtype replaces buffer tensors (BN running stats) in their owning
+        # modules, and a compiled copy of the graph holds its own references to the graph's buffers: compile
+        # again then. Lightning's teardown .cpu() of a CPU network returns the same tensors: keep them.
+        buffers = [id(b) for b in self.buffers()]
+        result = super()._apply(fn, recurse)
+        if [id(b) for b in self.buffers()] != buffers:
+            self._compiled = {}
+        return result
 
     def train(self, mode: bool = True):
         # torchao makes ``train()`` on the exported graph raise; the flag itself is harmless to set.
