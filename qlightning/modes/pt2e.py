@@ -182,13 +182,13 @@ class ExportedNetwork(nn.Module):
         self._compiled = {}
 
     def _compiled_graph(self) -> nn.Module | None:
-        from qlightning.modes.pt2e_compile import quantizers_sized
-
         behaviour = self._graph_behaviour
         if not behaviour[1] or not torch.is_grad_enabled():
             return None  # evaluation, or a no-grad forward in train mode
         compiled = self._compiled.get(behaviour)
         if compiled is None:
+            from qlightning.modes.pt2e_compile import quantizers_sized
+
             if not quantizers_sized(self.graph_module):
                 return None  # per-channel observers size their buffers on the first batch, uncompiled
             variant = torch.fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
