@@ -15,6 +15,7 @@ from torchao.quantization.pt2e.quantizer import QuantizationConfig, Quantization
 from qlightning.backends import Backend
 from qlightning.calibration_pt2e import observer_class
 from qlightning.modes.base import QuantMode, batch_of_two, dynamic_batch
+from qlightning.modes.pt2e_kernels import QuantizeDequantizeFakeQuantize
 from qlightning.modes.pt2e_skip import skipping_quantizer
 from qlightning.modes.pt2e_dynamic import (
     DynamicLinearRnnQuantizer,
@@ -235,7 +236,8 @@ def quantization_spec(
     if learnable:
         ctor = ao_pt2e.LearnableFakeQuantize.with_args(observer=observer, use_grad_scaling=True, eps=spec.eps)
     elif fused_kernel_keeps(spec, observer_name):  # symmetric specs: see fused_kernel_keeps
-        ctor = ao_pt2e.FusedMovingAvgObsFakeQuantize.with_args(observer=observer, eps=spec.eps)
+        # torchao's fused module, fake-quantizing through vectorized kernels: see pt2e_kernels.
+        ctor = QuantizeDequantizeFakeQuantize.with_args(observer=observer, eps=spec.eps)
     else:
         ctor = ao_pt2e.FakeQuantize.with_args(observer=observer, eps=spec.eps)
     return static_spec(spec, ctor)

@@ -11,8 +11,9 @@ round differently in the last bits, which the tests hold to what a one-ulp input
 
 They replace the classes of the prepared network's quantizers in place (``__class__``): same
 attributes, buffers, ``state_dict`` and qparams, so conversion, the monitor, checkpoints and DDP's
-statistic sync see torchao's modules. ``FusedMovingAvgObsFakeQuantize`` stays as it is: its forward is
-one ATen op that dynamo traces without a break.
+statistic sync see torchao's modules. ``FusedMovingAvgObsFakeQuantize`` keeps torchao's forward: it is
+one ATen op that dynamo traces without a break (qlightning's faster subclass, ``pt2e_kernels``, reads the
+qparams into Python for fbgemm's kernels, which dynamo cannot trace, so it goes back to torchao's class).
 """
 
 from __future__ import annotations
@@ -128,8 +129,13 @@ def compilable_quantizers(network: nn.Module) -> int:
 
     Raises ``QuantizationConfigError`` for a quantizer it cannot make branch-free (learnable scales,
     another observer), before any training."""
+    from qlightning.modes.pt2e_kernels import QuantizeDequantizeFakeQuantize
+
     swapped = 0
     for name, module in network.named_modules():
+        if type(module) is QuantizeDequantizeFakeQuantize:
+            module.__class__ = ao_fake_quantize.FusedMovingAvgObsFakeQuantize  # same state, torch's fused op
+            continue
         if type(module) in (CompilableFakeQuantize, ao_fake_quantize.FusedMovingAvgObsFakeQuantize):
             continue
         if type(module) is ao_fake_quantize.FakeQuantize and type(module.activation_post_process) in _UPDATES:
