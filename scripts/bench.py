@@ -148,9 +148,23 @@ def _median_ms(fn, warmup: int, rounds: int) -> list[float]:
     return times
 
 
+def pytorch_fused_eager_qat(name: str) -> torch.nn.Module:
+    """The SPEC's comparison point, "PyTorch's fused observer+fake-quant": torchvision's quantizable
+    ``name`` fused (conv-bn-relu QAT modules) and prepared by ``torch.ao.quantization`` eager QAT with the
+    x86 QAT qconfig, whose activation and weight quantizers are ``FusedMovingAvgObsFakeQuantize``."""
+    import torch.ao.quantization as tq
+    from torchvision.models import quantization as quantizable
+
+    network = getattr(quantizable, name)(num_classes=10, quantize=False).train()
+    network.fuse_model(is_qat=True)
+    network.qconfig = tq.get_default_qat_qconfig("x86")
+    return tq.prepare_qat(network)
+
+
 def qat_step_over_float(quick: bool, compiled: bool) -> dict:
     """One training step (forward, backward, SGD step) of the same network and batch, float vs
-    qlightning's PT2E QAT preparation, interleaved in rounds; with ``compiled`` also both through
+    qlightning's PT2E QAT preparation (and PyTorch's own fused eager QAT of the same architecture, the
+    SPEC's comparison point), interleaved in rounds; with ``compiled`` also both through
     ``torch.compile`` (QAT the way ``QuantizationAwareTraining(compile=True)`` does it). The compile time
     is the first three steps' time less three median steps."""
     import torchvision
@@ -166,7 +180,8 @@ def qat_step_over_float(quick: bool, compiled: bool) -> dict:
         x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
         backend, recipe = build_recipe("pt2e", "x86", "moving_average_minmax", "per_channel_symmetric",
                                        "per_tensor_affine")
-        networks = {"float": make().train(), "qat": impl.prepare_qat(make(), (x,), recipe, backend).train()}
+        networks = {"float": make().train(), "qat": impl.prepare_qat(make(), (x,), recipe, backend).train(),
+                    "pytorch_reference": pytorch_fused_eager_qat(name)}
         if compiled:
             networks["float_compiled"] = torch.compile(make().train())
             networks["qat_compiled"] = impl.prepare_qat(make(), (x,), recipe, backend).train()
@@ -191,6 +206,7 @@ def qat_step_over_float(quick: bool, compiled: bool) -> dict:
                 times[side] += _median_ms(step, warmup=2, rounds=5 if quick else 10)
         medians = {k: statistics.median(v) for k, v in times.items()}
         results[name] = round(medians["qat"] / medians["float"], 3)
+        results[f"{name}_pytorch_reference"] = round(medians["pytorch_reference"] / medians["float"], 3)
         results[f"{name}_step_ms"] = {k: round(v, 2) for k, v in medians.items()}
         if compiled:
             results[f"{name}_compiled"] = round(medians["qat_compiled"] / medians["float_compiled"], 3)
@@ -427,6 +443,9 @@ def markdown(results: dict) -> str:
               f"{epoch['step_ms']['qlightning']} ms, plain Lightning {epoch['step_ms']['plain_lightning']} ms, "
               f"ratio {epoch['qlightning_over_plain_lightning_step']}."]
     steps = results["qat_step_over_float"]
+    lines += ["", "PyTorch's fused eager QAT (torchvision's quantizable network, torch.ao eager, x86 qconfig) / float "
+              "step, same run: " + ", ".join(f"{name} {steps[f'{name}_pytorch_reference']}"
+                                              for name in ("mobilenet_v2", "resnet18")) + "."]
     lines += ["", "QAT step (batch 16, 64x64; medians): " + "; ".join(
         f"{name} " + ", ".join(f"{side} {ms} ms" for side, ms in steps[f"{name}_step_ms"].items())
         for name in ("mobilenet_v2", "resnet18") if f"{name}_step_ms" in steps) + "."]

@@ -20,13 +20,19 @@ float32 bounds found once per step (:func:`in_range_bounds`): two comparisons in
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 from torchao.quantization.pt2e import fake_quantize as ao_fake_quantize
 
 # The quantized dtypes whose whole range a fake-quantize range can be; quantize_per_tensor saturates to it.
-_QUANTIZED_DTYPE = {(0, 255): torch.quint8, (-128, 127): torch.qint8}
+# torch deprecates quantized tensors (pytorch/pytorch#184982, warned since 2.14): without them every range
+# takes torchao's forward.
+_QUANTIZED_DTYPE = ({(0, 255): torch.quint8, (-128, 127): torch.qint8}
+                    if hasattr(torch, "quantize_per_tensor") and hasattr(torch, "quint8") else {})
+# The deprecation warning is about torch's API, which users cannot act on here: this module keeps it quiet.
+_DEPRECATION = "torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation"
 # How many float32 steps from the estimate the bound search may walk before giving up (it takes 0-3).
 _MAX_STEPS = 64
 
@@ -76,7 +82,9 @@ class _QuantizeDequantize(torch.autograd.Function):
     def forward(ctx, x, scale: float, zero_point: int, dtype: torch.dtype, bounds: tuple[float, float]):
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward((x >= bounds[0]) & (x <= bounds[1]))
-        return torch.quantize_per_tensor(x, scale, zero_point, dtype).dequantize()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_DEPRECATION)
+            return torch.quantize_per_tensor(x, scale, zero_point, dtype).dequantize()
 
     @staticmethod
     def backward(ctx, grad):
