@@ -17,7 +17,6 @@ RANGES = {"uint8 affine": (0, 255, torch.per_tensor_affine, torch.quint8),
 
 
 def _pair(quant_min, quant_max, qscheme, dtype):
-    torch.manual_seed(0)
     reference = ao_fake_quantize.FusedMovingAvgObsFakeQuantize(
         observer=ao_observer.MovingAverageMinMaxObserver, quant_min=quant_min, quant_max=quant_max,
         qscheme=qscheme, dtype=dtype)
@@ -65,7 +64,6 @@ def test_outputs_gradients_and_state_equal_torchaos_fused_module_bit_for_bit(qua
 
 
 def test_in_range_bounds_are_the_exact_edges_of_atens_mask():
-    torch.manual_seed(0)
     for scale, zero_point, quant_min, quant_max in ((0.0173, 3, 0, 255), (1.19e-7, 0, -128, 127), (3.7, 255, 0, 255)):
         low, high = in_range_bounds(scale, zero_point, quant_min, quant_max)
         below, above = np.nextafter(np.float32(low), np.float32(-np.inf)), np.nextafter(np.float32(high), np.float32(np.inf))

@@ -26,6 +26,7 @@ from torchao.quantization.pt2e import fake_quantize as ao_fake_quantize
 from torchao.quantization.pt2e import observer as ao_observer
 
 from qlightning.errors import QuantizationConfigError
+from qlightning.modes.pt2e_kernels import QuantizeDequantizeFakeQuantize
 
 
 def _aminmax_per_channel(x: torch.Tensor, ch_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +130,6 @@ def compilable_quantizers(network: nn.Module) -> int:
 
     Raises ``QuantizationConfigError`` for a quantizer it cannot make branch-free (learnable scales,
     another observer), before any training."""
-    from qlightning.modes.pt2e_kernels import QuantizeDequantizeFakeQuantize
-
     swapped = 0
     for name, module in network.named_modules():
         if type(module) is QuantizeDequantizeFakeQuantize:
